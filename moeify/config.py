@@ -1,0 +1,200 @@
+"""`MoeifyConfig`: the conversion recipe, validated on construction, JSON with a version.
+
+Every field has one meaning and one check; a bad value raises `ValueError` naming the field,
+what was given and what is accepted. Unknown keys and newer versions are refused on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+ROUTER_KINDS = ("linear", "mlp", "cross_attention")
+# Training inits of the shared experts, applied after the identity check (Law 2).
+#   "noise":    every shared weight matrix ~ N(0, shared_noise_std), biases zero (the paper's choice).
+#               The output moves by O(std^2), and both projections start tiny, so their gradients
+#               start tiny too (proportional to the other projection's std).
+#   "zero_out": input projection(s) cloned from the dense FFN, output projection exactly zero. The
+#               model stays exactly dense-equivalent, and the output projection gets a full-size
+#               gradient (dL/dy ⊗ act(h)) from step one.
+SHARED_INITS = ("noise", "zero_out")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _as_pattern_list(name: str, value: Any) -> str | tuple[str, ...] | None:
+    """peft's convention: a str is a regex matched against the full module name, a list holds
+    names matched exactly or as a dotted suffix."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression: {error}") from None
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        _check(len(value) > 0, f"{name} is an empty list; pass None to select every FFN")
+        return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
+    raise ValueError(
+        f"{name} must be a regex string or a list of module names, got {type(value).__name__}: {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class MoeifyConfig:
+    """How to turn each dense FFN into router + routed experts + shared experts.
+
+    Args:
+        num_experts: routed experts per converted FFN (each an exact clone of it, Law 1).
+        top_k: experts each token is sent to (token-choice top-k).
+        num_shared_experts: experts every token goes through; zero at conversion (Law 2).
+        shared_expert_init: training init of shared experts after the identity check, one of
+            `SHARED_INITS` ("noise" as in the paper, or the function-preserving "zero_out").
+        shared_noise_std: standard deviation of the "noise" init.
+        router: "linear", "mlp" (one hidden layer) or "cross_attention" (tokens attend to the
+            model's conditioning, e.g. `encoder_hidden_states`).
+        router_hidden_size: hidden width of the mlp router / attention width of the
+            cross-attention router (default: min(256, hidden size)).
+        router_num_heads: attention heads of the cross-attention router.
+        router_init_std: standard deviation of the random router weights (Law 3).
+        router_temperature: logits are divided by it before the softmax.
+        balance_loss_weight: Switch/GShard load-balancing loss weight.
+        z_loss_weight: ST-MoE router z-loss weight.
+        entropy_loss_weight: weight of the per-token routing entropy bonus (positive spreads
+            tokens; the loss term is -weight * mean normalised entropy).
+        target_modules: which FFNs to convert (regex string, or list of names/suffixes); for
+            a plain nn.Module these name the FFN modules themselves.
+        exclude_modules: FFNs to leave dense (same syntax).
+        layers: block indices to convert (the last integer in a site's name), None for all.
+        conditioning_dim: feature size of the conditioning a cross-attention router attends
+            to, when the architecture does not say it.
+        verify: run the identity check (dense FFN vs MoE layer) on every converted layer.
+        verify_tolerance: allowed max |dense - moe| relative to the dense output scale.
+        seed: makes the random parts of the conversion (routers, shared noise) reproducible.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 1
+    shared_expert_init: str = "noise"
+    shared_noise_std: float = 1e-4
+    router: str = "linear"
+    router_hidden_size: int | None = None
+    router_num_heads: int = 4
+    router_init_std: float = 0.02
+    router_temperature: float = 1.0
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+    entropy_loss_weight: float = 0.0
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    conditioning_dim: int | None = None
+    verify: bool = True
+    verify_tolerance: float = 1e-5
+    seed: int = 0
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "num_shared_experts", "router_num_heads", "seed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an int, got {value!r}")
+        _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
+        _check(
+            1 <= self.top_k <= self.num_experts,
+            f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}",
+        )
+        _check(self.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        _check(
+            self.shared_expert_init in SHARED_INITS,
+            f"shared_expert_init must be one of {SHARED_INITS}, got {self.shared_expert_init!r}",
+        )
+        _check(self.router in ROUTER_KINDS, f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        _check(self.router_num_heads >= 1, f"router_num_heads must be >= 1, got {self.router_num_heads}")
+        if self.router_hidden_size is not None:
+            _check(
+                isinstance(self.router_hidden_size, int) and self.router_hidden_size >= 1,
+                f"router_hidden_size must be a positive int or None, got {self.router_hidden_size!r}",
+            )
+        if self.conditioning_dim is not None:
+            _check(
+                isinstance(self.conditioning_dim, int) and self.conditioning_dim >= 1,
+                f"conditioning_dim must be a positive int or None, got {self.conditioning_dim!r}",
+            )
+        for name in ("shared_noise_std", "router_init_std", "router_temperature", "verify_tolerance"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and value > 0 and value == value,
+                f"{name} must be a positive number, got {value!r}",
+            )
+        for name in ("balance_loss_weight", "z_loss_weight", "entropy_loss_weight"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, (int, float)) and value >= 0 and value == value,
+                f"{name} must be a number >= 0, got {value!r}",
+            )
+        object.__setattr__(self, "target_modules", _as_pattern_list("target_modules", self.target_modules))
+        object.__setattr__(self, "exclude_modules", _as_pattern_list("exclude_modules", self.exclude_modules))
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else self.layers
+            _check(
+                isinstance(layers, (list, tuple))
+                and len(layers) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers),
+                f"layers must be None (all) or a non-empty list of block indices >= 0, got {self.layers!r}",
+            )
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        _check(
+            self.version == CONFIG_VERSION,
+            f"this moeify understands config version {CONFIG_VERSION}, got {self.version}; "
+            "upgrade moeify (pip install -U moeify) to read newer configs",
+        )
+
+    def replace(self, **overrides: Any) -> MoeifyConfig:
+        """A copy with some fields changed (validated again); unknown names are refused."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(
+                f"unknown MoeifyConfig option(s) {unknown}; known options: "
+                f"{sorted(f.name for f in dataclasses.fields(self) if f.name != 'version')}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("target_modules", "exclude_modules", "layers"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoeifyConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a MoeifyConfig is read from a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoeifyConfig key(s) {unknown}: written by a newer moeify, or not a moeify config")
+        if "version" not in data:
+            raise ValueError("this JSON has no 'version' field: it is not a moeify config")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> MoeifyConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON: {error}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,134 @@
+"""`moeify(model)`: plan → build → verify → swap → shared init. The only public function that
+mutates a model; a failed conversion leaves it exactly as it was."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moeify.config import MoeifyConfig
+from moeify.layers.moe import MoeLayer
+from moeify.layers.routers import ConditioningContext
+from moeify.surgery import apply, verify
+from moeify.surgery.find import FFNSite
+from moeify.surgery.plan import ConversionError, ConversionPlan, plan_conversion
+
+
+def _layer_dtype_device(model: nn.Module, site: FFNSite) -> tuple[torch.dtype, torch.device]:
+    param = next(model.get_submodule(site.name).parameters())
+    return param.dtype, param.device
+
+
+def _build_and_check(model: nn.Module, plan: ConversionPlan) -> list[MoeLayer]:
+    config = plan.config
+    layers = []
+    context = None
+    if plan.conditioning is not None:
+        # A throwaway context for the check; the model's own is attached after the swap.
+        context = ConditioningContext(plan.conditioning.arg, type(model).__name__)
+    for index, site in enumerate(plan.sites):
+        layer = apply.build_layer(model, site, index, plan)
+        if context is not None:
+            layer.router.context = context
+        if config.verify:
+            dtype, device = _layer_dtype_device(model, site)
+            chain = site.layout.chain(model.get_submodule(site.name)) if site.layout else [model.get_submodule(site.name)]
+            in_features = site.in_features or apply._generic_hidden_size(model.get_submodule(site.name))
+            verify.check_layer(
+                site.name,
+                chain,
+                layer,
+                in_features=in_features,
+                dtype=dtype,
+                device=device,
+                tolerance=config.verify_tolerance,
+                seed=config.seed + index,
+                conditioning=(context, plan.conditioning.dim) if context is not None else None,
+            )
+        layers.append(layer)
+    return layers
+
+
+def moeify(
+    model: nn.Module,
+    config: MoeifyConfig | None = None,
+    *,
+    example_inputs: Any = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Convert every FFN of `model` into router + routed experts + shared experts, in place.
+
+    Args:
+        model: a transformers `PreTrainedModel`, a diffusers `ModelMixin`, or any nn.Module (give
+            `target_modules` when its FFNs are not recognised).
+        config: the recipe (`MoeifyConfig`); keyword `overrides` change single fields.
+        example_inputs: optional inputs (dict of kwargs, tuple of args, or one tensor) on which the
+            whole converted model must reproduce the dense model's outputs.
+
+    Returns the same `model` object. Raises `ConversionError` (a ValueError) with what was wrong
+    and what to do; the model is then untouched.
+    """
+    config = (config or MoeifyConfig()).replace(**overrides) if overrides else (config or MoeifyConfig())
+    started = time.perf_counter()
+    plan = plan_conversion(model, config)
+    layers = _build_and_check(model, plan)
+    dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
+    swaps = [swap for site, layer in zip(plan.sites, layers) for swap in apply.install(model, site, layer)]
+    if plan.conditioning is not None:
+        apply.attach_conditioning(model, layers, plan.conditioning.arg)
+    if dense_outputs is not None:
+        try:
+            converted = verify.run_model(model, example_inputs)
+            dtype = next(model.parameters()).dtype
+            verify.check_model(dense_outputs, converted, config.verify_tolerance, dtype)
+        except Exception:
+            apply.undo(swaps)  # the conditioning hook (if new) stays: it only records an argument
+            raise
+    for index, layer in enumerate(layers):
+        apply.init_shared_for_training(layer, config, index)
+    state = getattr(model, "moeify_state", None) or MoeifyState()
+    state.conversions.append(config)
+    state.report = plan.report
+    state.seconds = time.perf_counter() - started
+    model.moeify_state = state
+    return model
+
+
+class MoeifyState:
+    """What moeify recorded on a converted model: the recipes applied, in order, and the last report."""
+
+    def __init__(self) -> None:
+        self.conversions: list[MoeifyConfig] = []
+        self.report = None
+        self.seconds = 0.0
+
+    @property
+    def config(self) -> MoeifyConfig:
+        return self.conversions[-1]
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:
+    """Every moeify MoE layer of a model, with its module name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoeLayer)]
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """The weighted sum of every MoE layer's router losses (balance, z-loss, entropy) from the
+    last forward, ready to add to the task loss: `loss = task_loss + moeify.aux_loss(model)`."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+    terms = [layer.aux_loss() for _, layer in layers]
+    present = [t for t in terms if t is not None]
+    if not present:
+        raise ValueError("aux_loss(model) reads the router losses of the last forward: run a forward first")
+    total = present[0]
+    for term in present[1:]:
+        total = total + term.to(total.device)
+    return total
+
+
+__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify"]

@@ -1,0 +1,166 @@
+"""Routed and shared experts.
+
+`PackedExperts` holds E clones of a recognised FFN layout as one [E, ...] tensor per projection
+(stored nn.Linear-style, [E, out, in], so expert e's slice equals the dense weight bit for bit)
+and runs them by sorted, grouped dispatch. `ModuleExperts` holds deep copies of any other
+token-wise module, so exotic FFNs still convert.
+
+Shape legend: T tokens, D model dim, I intermediate dim, E experts, K top-k, A = T*K.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.layers.dispatch import grouped_linear, sort_by_expert
+
+
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a projection runs in: autocast's when it is on (as F.linear would), else the weight's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
+class PackedExperts(nn.Module):
+    """E experts `y = w_out · act(w_in · x + b_in) + b_out`, one tensor per projection.
+
+    Gated layouts (SwiGLU/GEGLU) keep gate and up stacked in `w_in` as [gate; up] along the out
+    dim (transformers' `gate_up_proj` order) and compute `act(gate) * up`.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        intermediate_size: int,
+        out_features: int,
+        *,
+        gated: bool,
+        act: nn.Module,
+        bias_in: bool,
+        bias_out: bool,
+        mid_dropout: float = 0.0,
+        out_dropout: float = 0.0,
+        in_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        rows_in = 2 * intermediate_size if gated else intermediate_size
+        self.num_experts, self.gated = num_experts, gated
+        self.w_in = nn.Parameter(torch.empty(num_experts, rows_in, in_features, dtype=in_dtype, device=device))
+        self.b_in = nn.Parameter(torch.empty(num_experts, rows_in, dtype=in_dtype, device=device)) if bias_in else None
+        self.w_out = nn.Parameter(
+            torch.empty(num_experts, out_features, intermediate_size, dtype=out_dtype, device=device)
+        )
+        self.b_out = (
+            nn.Parameter(torch.empty(num_experts, out_features, dtype=out_dtype, device=device)) if bias_out else None
+        )
+        self.act = act
+        self.mid_dropout, self.out_dropout = mid_dropout, out_dropout
+
+    def extra_repr(self) -> str:
+        e, rows, d = self.w_in.shape
+        return f"num_experts={e}, in={d}, intermediate={self.w_out.shape[-1]}, out={self.w_out.shape[1]}, gated={self.gated}"
+
+    def _activate(self, h: Tensor) -> Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return F.dropout(h, self.mid_dropout, self.training) if self.mid_dropout else h
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None, expert_A: Tensor, counts_E: Tensor) -> Tensor:
+        dtype = compute_dtype(x.device, weight.dtype)
+        return grouped_linear(
+            x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), expert_A, counts_E
+        )
+
+    def forward(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the weighted expert output `y_TD` and `tokens_per_expert_E`."""
+        order_A, token_A, expert_A, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
+        h_AI = self._activate(self._project(x_TD[token_A], self.w_in, self.b_in, expert_A, counts_E))
+        y_AD = self._project(h_AI, self.w_out, self.b_out, expert_A, counts_E)
+        if self.out_dropout:
+            y_AD = F.dropout(y_AD, self.out_dropout, self.training)
+        weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1).to(y_AD.dtype)
+        y_TD = y_AD.new_zeros(x_TD.shape[0], y_AD.shape[-1])
+        # index_add_ keeps one dtype end to end (an fp32 buffer filled by bf16 slices fails under autocast).
+        return y_TD.index_add_(0, token_A, y_AD * weight_A1), counts_E
+
+    def forward_all(self, x_TD: Tensor) -> Tensor:
+        """Every token through every expert, summed: how shared experts run."""
+        y_TD = None
+        params = zip(
+            self.w_in.unbind(0),
+            self.b_in.unbind(0) if self.b_in is not None else [None] * self.num_experts,
+            self.w_out.unbind(0),
+            self.b_out.unbind(0) if self.b_out is not None else [None] * self.num_experts,
+        )
+        for w_in, b_in, w_out, b_out in params:
+            h = self._activate(F.linear(x_TD.to(compute_dtype(x_TD.device, w_in.dtype)), w_in, b_in))
+            y = F.linear(h.to(compute_dtype(h.device, w_out.dtype)), w_out, b_out)
+            if self.out_dropout:
+                y = F.dropout(y, self.out_dropout, self.training)
+            y_TD = y if y_TD is None else y_TD + y
+        return y_TD
+
+    def output_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the output projection (zeroed by the "zero_out" shared init)."""
+        return [p for p in (self.w_out, self.b_out) if p is not None]
+
+    def input_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.w_in, self.b_in) if p is not None]
+
+
+class ModuleExperts(nn.Module):
+    """E deep copies of an arbitrary token-wise FFN module (the generic path)."""
+
+    def __init__(self, module: nn.Module, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.experts = nn.ModuleList(copy.deepcopy(module) for _ in range(num_experts))
+
+    def forward(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor]:
+        order_A, token_A, _, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
+        x_AD = x_TD[token_A]
+        weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
+        # The generic path reads the split sizes on the host (one sync); packed layouts do not.
+        outputs = [
+            expert(chunk) if chunk.shape[0] else None
+            for chunk, expert in zip(x_AD.split(counts_E.tolist()), self.experts)
+        ]
+        present = [out for out in outputs if out is not None]
+        y_AD = torch.cat(present) if present else x_AD.new_zeros(0, x_TD.shape[-1])
+        y_TD = y_AD.new_zeros(x_TD.shape[0], y_AD.shape[-1])
+        return y_TD.index_add_(0, token_A, y_AD * weight_A1.to(y_AD.dtype)), counts_E
+
+    def forward_all(self, x_TD: Tensor) -> Tensor:
+        y_TD = None
+        for expert in self.experts:
+            y = expert(x_TD)
+            y_TD = y if y_TD is None else y_TD + y
+        return y_TD
+
+    def output_parameters(self) -> list[nn.Parameter]:
+        """The last nn.Linear of each copy, taken as its output projection."""
+        params = []
+        for expert in self.experts:
+            linears = [m for m in expert.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(
+                    f"shared_expert_init='zero_out' needs an nn.Linear output projection, and "
+                    f"{type(expert).__name__} has none; use shared_expert_init='noise'"
+                )
+            params += [p for p in (linears[-1].weight, linears[-1].bias) if p is not None]
+        return params
+
+    def input_parameters(self) -> list[nn.Parameter]:
+        out = {id(p) for p in self.output_parameters()}
+        return [p for p in self.parameters() if id(p) not in out]

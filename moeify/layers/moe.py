@@ -1,0 +1,77 @@
+"""`MoeLayer`: router + routed experts + shared experts, installed in place of one dense FFN.
+
+It keeps the FFN's call signature (`forward(hidden_states, *args, **kwargs) -> Tensor` of the
+same shape), so the block around it runs unchanged.
+
+Shape legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moeify.layers import losses
+from moeify.layers.experts import ModuleExperts, PackedExperts
+from moeify.layers.routers.base import Router
+
+Experts = PackedExperts | ModuleExperts
+
+
+class MoeLayer(nn.Module):
+    """Token-choice top-k MoE. The top-k weights are renormalised to sum to 1, so while the
+    routed experts are identical clones the layer reproduces the dense FFN exactly (Law 3)."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        experts: Experts,
+        shared_experts: Experts | None = None,
+        top_k: int,
+        temperature: float = 1.0,
+        balance_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+        entropy_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.router, self.experts, self.shared_experts = router, experts, shared_experts
+        self.num_experts, self.top_k, self.temperature = experts.num_experts, top_k, temperature
+        self.loss_weights = {"balance": balance_loss_weight, "z_loss": z_loss_weight, "entropy": entropy_loss_weight}
+        # Routing counts build up on the device across forwards and are read (and reset) by the
+        # monitors once per optimizer step: no host sync here. int64: bf16 counts miscount above 256.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        self.last_losses: dict[str, Tensor] = {}
+
+    def extra_repr(self) -> str:
+        shared = self.shared_experts.num_experts if self.shared_experts is not None else 0
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, temperature={self.temperature}"
+
+    def route(self, x_TD: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """fp32 routing: returns logits_TE, probs_TE, expert_idx_TK and renormalised weights_TK."""
+        logits_TE = self.router(x_TD, batch_shape)
+        probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
+        top_probs_TK, expert_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+        return logits_TE, probs_TE, expert_idx_TK, weights_TK
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - FFN signature
+        batch_shape = hidden_states.shape[:-1]
+        x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits_TE, probs_TE, expert_idx_TK, weights_TK = self.route(x_TD, batch_shape)
+        y_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts.forward_all(x_TD).to(y_TD.dtype)
+        self.tokens_per_expert.add_(tokens_per_expert_E)
+        self.last_losses = {
+            "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k),
+            "z_loss": losses.z_loss(logits_TE),
+            "entropy": losses.entropy_bonus(probs_TE),
+        }
+        return y_TD.reshape(*batch_shape, y_TD.shape[-1])
+
+    def aux_loss(self) -> Tensor | None:
+        """The weighted sum of this layer's router losses from its last forward (None before any)."""
+        if not self.last_losses:
+            return None
+        return sum(self.loss_weights[name] * value for name, value in self.last_losses.items())

@@ -1,0 +1,73 @@
+"""What every router is: fp32 parameters and math, `forward(x_TD, batch_shape) -> logits_TE`.
+
+Routers are registered by kind (`register_router`), so a new kind is one file and one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+class Fp32Module(nn.Module):
+    """Keeps its floating-point parameters and buffers in fp32 across `.to(dtype)`, `.half()`,
+    `.bfloat16()`: router logits decide discrete routes, and a bf16 router loses its tiny updates
+    and flips routes on rounding (ST-MoE's "selective precision")."""
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+        def keep_fp32(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+
+        return super()._apply(keep_fp32, recurse)
+
+
+class Router(Fp32Module):
+    """Base class: subclasses implement `logits(x_TD, batch_shape)` on fp32 inputs."""
+
+    num_experts: int
+
+    def forward(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
+        # Routing math in fp32 whatever the autocast state: autocast would run the projections in bf16.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self.logits(x_TD.float(), batch_shape)
+
+    def logits(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a router builder is told about the site it routes."""
+
+    hidden_size: int
+    num_experts: int
+    router_hidden_size: int
+    num_heads: int
+    init_std: float
+    conditioning_dim: int | None
+    device: torch.device | None = None
+
+
+RouterBuilder = Callable[[RouterSpec], Router]
+_ROUTERS: dict[str, RouterBuilder] = {}
+
+
+def register_router(kind: str, builder: RouterBuilder) -> None:
+    """Make `MoeifyConfig(router=kind)` build routers with `builder(spec)`. Duplicates are refused."""
+    if kind in _ROUTERS:
+        raise ValueError(f"a router kind named {kind!r} is already registered")
+    _ROUTERS[kind] = builder
+
+
+def build_router(kind: str, spec: RouterSpec) -> Router:
+    if kind not in _ROUTERS:
+        raise ValueError(f"unknown router kind {kind!r}; registered kinds: {sorted(_ROUTERS)}")
+    return _ROUTERS[kind](spec)
+
+
+def router_kinds() -> tuple[str, ...]:
+    return tuple(sorted(_ROUTERS))

@@ -1,0 +1,120 @@
+"""The cross-attention router: each token attends to the model's conditioning (e.g. the text
+tokens `encoder_hidden_states` of a diffusion transformer), so routes can follow the prompt.
+
+logits_TE = W_x x_TD + W_o · MHA(q = W_q x, k = W_k c, v = W_v c)
+
+The conditioning is captured from the model's own forward by a pre-hook on the root module
+(`ConditioningContext.capture`); the user passes nothing extra.
+
+Shape legend: B batch, S tokens per sample, L conditioning tokens, C conditioning dim,
+A attention width, N heads, T = B*S tokens, E experts.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeify.layers.routers.base import Router, RouterSpec, register_router
+
+
+class ConditioningContext:
+    """Holds the conditioning of the current forward for every cross-attention router of a model."""
+
+    def __init__(self, arg_name: str, model_name: str) -> None:
+        self.arg_name, self.model_name = arg_name, model_name
+        self.value: Tensor | None = None
+        self._position: int | None = None
+
+    def bind(self, forward) -> None:  # noqa: ANN001
+        """Learn where the conditioning sits among the forward's positional parameters."""
+        names = [
+            p.name
+            for p in inspect.signature(forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self._position = names.index(self.arg_name) if self.arg_name in names else None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with_kwargs=True) on the root model. The tensor is kept (not cleared
+        after forward) because gradient checkpointing re-runs the blocks during backward."""
+        value = kwargs.get(self.arg_name)
+        if value is None and self._position is not None and self._position < len(args):
+            value = args[self._position]
+        self.value = value
+
+    def get(self) -> Tensor:
+        if self.value is None:
+            raise RuntimeError(
+                f"the cross-attention router needs `{self.arg_name}`, and the last forward of "
+                f"{self.model_name} got none: pass `{self.arg_name}=` to the model's forward"
+            )
+        return self.value
+
+
+class CrossAttentionRouter(Router):
+    def __init__(
+        self,
+        hidden_size: int,
+        conditioning_dim: int,
+        attention_size: int,
+        num_heads: int,
+        num_experts: int,
+        init_std: float,
+        device=None,  # noqa: ANN001
+    ) -> None:
+        super().__init__()
+        if attention_size % num_heads:
+            raise ValueError(
+                f"router_hidden_size={attention_size} must be divisible by router_num_heads={num_heads}"
+            )
+        self.num_experts, self.num_heads = num_experts, num_heads
+        kw = dict(device=device, dtype=torch.float32)
+        self.to_q = nn.Linear(hidden_size, attention_size, bias=False, **kw)
+        self.to_k = nn.Linear(conditioning_dim, attention_size, bias=False, **kw)
+        self.to_v = nn.Linear(conditioning_dim, attention_size, bias=False, **kw)
+        self.from_tokens = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.from_context = nn.Linear(attention_size, num_experts, bias=False, **kw)
+        for layer in (self.to_q, self.to_k, self.to_v, self.from_tokens, self.from_context):
+            nn.init.normal_(layer.weight, std=init_std)
+        self.context: ConditioningContext | None = None  # set by the conversion, not a module
+
+    def logits(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
+        if self.context is None:
+            raise RuntimeError("this cross-attention router is not attached to a model's conditioning")
+        c_BLC = self.context.get().to(device=x_TD.device, dtype=torch.float32)
+        if c_BLC.dim() == 2:
+            c_BLC = c_BLC.unsqueeze(0)
+        batch = c_BLC.shape[0]
+        if len(batch_shape) < 2 or batch_shape[0] != batch:
+            raise RuntimeError(
+                f"the cross-attention router got tokens of shape {tuple(batch_shape)} + (hidden,) but a "
+                f"conditioning batch of {batch}: it needs FFN inputs shaped [batch, tokens, hidden]"
+            )
+        heads = self.num_heads
+        q_BNSA = self.to_q(x_TD).view(batch, -1, heads, self.to_q.out_features // heads).transpose(1, 2)
+        k_BNLA = self.to_k(c_BLC).view(batch, -1, heads, self.to_k.out_features // heads).transpose(1, 2)
+        v_BNLA = self.to_v(c_BLC).view(batch, -1, heads, self.to_v.out_features // heads).transpose(1, 2)
+        r_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNLA, v_BNLA)
+        r_TA = r_BNSA.transpose(1, 2).reshape(x_TD.shape[0], -1)
+        return self.from_tokens(x_TD) + self.from_context(r_TA)
+
+
+def _build(spec: RouterSpec) -> CrossAttentionRouter:
+    if spec.conditioning_dim is None:
+        raise ValueError("the cross-attention router needs the conditioning dim")
+    return CrossAttentionRouter(
+        spec.hidden_size,
+        spec.conditioning_dim,
+        spec.router_hidden_size,
+        spec.num_heads,
+        spec.num_experts,
+        spec.init_std,
+        spec.device,
+    )
+
+
+register_router("cross_attention", _build)

@@ -1,0 +1,198 @@
+"""Build the MoE layer of each planned site by the three laws, and swap instances in.
+
+Law 1: routed experts are exact clones of the dense FFN (copied into a preallocated [E, ...]
+tensor: faster than deepcopy and no transient extra copy). Law 2: shared experts start at zero;
+they take their training init only after the identity check (`init_shared_for_training`).
+Law 3: only the routers start random (seeded per site, on CPU, so the result does not depend on
+the device or on the caller's RNG state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeify.architectures import read_weights
+from moeify.architectures.layouts import FFNWeights, get
+from moeify.config import MoeifyConfig
+from moeify.layers.experts import ModuleExperts, PackedExperts
+from moeify.layers.moe import MoeLayer
+from moeify.layers.routers import ConditioningContext, CrossAttentionRouter, RouterSpec, build_router
+from moeify.surgery.find import FFNSite
+from moeify.surgery.plan import ConversionPlan
+
+
+@contextlib.contextmanager
+def seeded(seed: int):  # noqa: ANN201
+    """Seed the CPU RNG for a block and restore the caller's state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _packed(weights: FFNWeights, num_experts: int) -> PackedExperts:
+    experts = PackedExperts(
+        num_experts,
+        weights.in_features,
+        weights.intermediate_size,
+        weights.out_features,
+        gated=weights.gated,
+        act=weights.act,
+        bias_in=weights.b_in is not None,
+        bias_out=weights.b_out is not None,
+        mid_dropout=weights.mid_dropout,
+        out_dropout=weights.out_dropout,
+        in_dtype=weights.w_in.dtype,
+        out_dtype=weights.w_out.dtype,
+        device=weights.w_in.device,
+    )
+    return experts
+
+
+@torch.no_grad()
+def _clone_into(experts: PackedExperts, weights: FFNWeights) -> None:
+    """Law 1: every expert slice equals the dense weights bit for bit."""
+    if experts.w_in.is_meta:
+        return
+    experts.w_in.copy_(weights.w_in.unsqueeze(0).expand_as(experts.w_in))
+    experts.w_out.copy_(weights.w_out.unsqueeze(0).expand_as(experts.w_out))
+    if experts.b_in is not None:
+        experts.b_in.copy_(weights.b_in.unsqueeze(0).expand_as(experts.b_in))
+    if experts.b_out is not None:
+        experts.b_out.copy_(weights.b_out.unsqueeze(0).expand_as(experts.b_out))
+
+
+def _dense_module(model: nn.Module, site: FFNSite) -> nn.Module:
+    return model.get_submodule(site.name)
+
+
+def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPlan) -> MoeLayer:
+    """The MoE layer for one site, not yet installed."""
+    config = plan.config
+    module = _dense_module(model, site)
+    if site.layout is not None:
+        weights = read_weights(module, site.layout)
+        experts = _packed(weights, config.num_experts)
+        _clone_into(experts, weights)
+        shared = None
+        if config.num_shared_experts:
+            shared = _packed(weights, config.num_shared_experts)
+            if not shared.w_in.is_meta:
+                with torch.no_grad():
+                    for p in shared.parameters():
+                        p.zero_()  # Law 2
+        hidden, device = weights.in_features, weights.w_in.device
+    else:
+        experts = ModuleExperts(module, config.num_experts)
+        shared = ModuleExperts(module, config.num_shared_experts) if config.num_shared_experts else None
+        if shared is not None:
+            with torch.no_grad():
+                for p in shared.parameters():
+                    p.zero_()  # Law 2
+        first = next(module.parameters())
+        hidden, device = _generic_hidden_size(module), first.device
+    spec = RouterSpec(
+        hidden_size=hidden,
+        num_experts=config.num_experts,
+        router_hidden_size=plan.router_hidden_size[site.name],
+        num_heads=config.router_num_heads,
+        init_std=config.router_init_std,
+        conditioning_dim=plan.conditioning.dim if plan.conditioning else None,
+    )
+    with seeded(config.seed * 1_000_003 + index):
+        router = build_router(config.router, spec)  # Law 3, built on CPU
+    router = router.to("meta" if device.type == "meta" else device)
+    return MoeLayer(
+        router=router,
+        experts=experts,
+        shared_experts=shared,
+        top_k=config.top_k,
+        temperature=config.router_temperature,
+        balance_loss_weight=config.balance_loss_weight,
+        z_loss_weight=config.z_loss_weight,
+        entropy_loss_weight=config.entropy_loss_weight,
+    )
+
+
+def _generic_hidden_size(module: nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[0].in_features
+    return next(module.parameters()).shape[-1]
+
+
+@torch.no_grad()
+def init_shared_for_training(layer: MoeLayer, config: MoeifyConfig, index: int) -> None:
+    """After the identity check: give the zero shared experts their training init."""
+    shared = layer.shared_experts
+    if shared is None or next(shared.parameters()).is_meta:
+        return
+    if config.shared_expert_init == "noise":
+        # Weights only: noise on an output bias would shift the output by O(std) directly; noisy
+        # weights on both projections move it by O(std^2).
+        with seeded(config.seed * 1_000_003 + index + 500_009):
+            for p in shared.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(config.shared_noise_std))
+        return
+    # "zero_out": input projections cloned from routed expert 0, output projection left at zero.
+    routed_in = layer.experts.input_parameters()
+    shared_in = shared.input_parameters()
+    if isinstance(shared, PackedExperts):
+        for dst, src in zip(shared_in, routed_in):
+            dst.copy_(src[:1].expand_as(dst))
+    else:
+        per_expert = len(routed_in) // layer.experts.num_experts
+        for s in range(shared.num_experts):
+            for dst, src in zip(shared_in[s * per_expert : (s + 1) * per_expert], routed_in[:per_expert]):
+                dst.copy_(src)
+
+
+@dataclass
+class Swap:
+    """One replaced attribute, kept so that a failed whole-model check can be undone."""
+
+    parent: nn.Module
+    attr: str
+    old: nn.Module
+    new: nn.Module
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> Swap:
+    parent_path, _, attr = path.rpartition(".")
+    parent = get(model, parent_path)
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return Swap(parent, attr, old, new)
+
+
+def install(model: nn.Module, site: FFNSite, layer: MoeLayer) -> list[Swap]:
+    """Swap instances (never classes): the MoE layer at `install_path`, nn.Identity for the
+    rest of a split FFN."""
+    swaps = [_set(model, site.install_path, layer)]
+    if site.layout is not None:
+        for path in site.layout.identities:
+            swaps.append(_set(model, f"{site.name}.{path}", nn.Identity()))
+    return swaps
+
+
+def undo(swaps: list[Swap]) -> None:
+    for swap in reversed(swaps):
+        setattr(swap.parent, swap.attr, swap.old)
+
+
+def attach_conditioning(model: nn.Module, layers: list[MoeLayer], arg: str) -> ConditioningContext:
+    """One context per model, filled by a pre-hook on the root's forward."""
+    context = getattr(model, "_moeify_conditioning", None)
+    if context is None:
+        context = ConditioningContext(arg, type(model).__name__)
+        context.bind(model.forward)
+        model.register_forward_pre_hook(context.capture, with_kwargs=True)
+        model._moeify_conditioning = context
+    for layer in layers:
+        if isinstance(layer.router, CrossAttentionRouter):
+            layer.router.context = context
+    return context

@@ -1,0 +1,145 @@
+"""Plan a conversion: every user error is raised here, before anything is built or swapped."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeify.architectures import conditioning_for
+from moeify.architectures.layouts import get
+from moeify.config import MoeifyConfig
+from moeify.layers.moe import MoeLayer
+from moeify.surgery.find import FFNReport, FFNSite, find_ffns
+
+
+class ConversionError(ValueError):
+    """A model cannot be converted as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ConditioningPlan:
+    arg: str  # forward argument carrying the conditioning
+    dim: int
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    config: MoeifyConfig
+    report: FFNReport
+    conditioning: ConditioningPlan | None
+    router_hidden_size: dict[str, int]  # per site name
+
+    @property
+    def sites(self) -> list[FFNSite]:
+        return self.report.sites
+
+
+def _nothing_found(model: nn.Module, report: FFNReport, config: MoeifyConfig) -> ConversionError:
+    converted = [s.name for s in report.skipped if s.reason == "already converted by moeify"]
+    if converted and config.target_modules is None:
+        return ConversionError(
+            f"{type(model).__name__} is already converted by moeify ({len(converted)} MoE layer(s), e.g. "
+            f"{converted[0]}); converting a converted layer is refused. Start again from the dense model "
+            "to change the recipe."
+        )
+    classes = ", ".join(report.module_classes[:40]) + (" ..." if len(report.module_classes) > 40 else "")
+    skipped = "".join(f"\n  - {s.name} [{s.class_name}]: {s.reason}" for s in report.skipped[:20])
+    return ConversionError(
+        f"moeify found no FFN to convert in {type(model).__name__}."
+        + (f" Skipped:{skipped}" if skipped else "")
+        + f"\nModule classes seen: {classes}.\nName the FFN modules yourself, like peft: "
+        "moeify(model, target_modules=['mlp']) (names or dotted suffixes) or "
+        "target_modules=r'.*\\.ffn' (a regex matched against the full module name)."
+    )
+
+
+def _conditioning(model: nn.Module, config: MoeifyConfig) -> ConditioningPlan | None:
+    if config.router != "cross_attention":
+        return None
+    entry = conditioning_for(model)
+    forward_params = inspect.signature(model.forward).parameters
+    arg = entry.arg if entry else "encoder_hidden_states"
+    if arg not in forward_params:
+        raise ConversionError(
+            f"router='cross_attention' attends to the model's conditioning, but {type(model).__name__}.forward "
+            f"has no `{arg}` argument: this model has no conditioning to attend to. "
+            "Use router='linear' or router='mlp'."
+        )
+    dim = config.conditioning_dim
+    if dim is None and entry is not None:
+        value = getattr(getattr(model, "config", None), entry.dim_attr, None)
+        if isinstance(value, (list, tuple)) and len(set(value)) == 1:
+            value = value[0]
+        dim = value if isinstance(value, int) else None
+    if dim is None:
+        raise ConversionError(
+            f"router='cross_attention': cannot tell the feature size of `{arg}` for {type(model).__name__}; "
+            "pass conditioning_dim=<size of its last dimension>."
+        )
+    return ConditioningPlan(arg, dim)
+
+
+def _check_site(model: nn.Module, site: FFNSite, config: MoeifyConfig) -> None:
+    module = model.get_submodule(site.name)
+    for sub_name, sub in module.named_modules():
+        if type(sub).__module__.split(".")[0] == "peft":
+            raise ConversionError(
+                f"{site.name} holds a peft adapter ({type(sub).__name__} at {sub_name or site.name}): moeify "
+                "reads the dense weights and would drop the adapter. Convert first, then add adapters "
+                "(moeify(model); get_peft_model(model, ...)), or merge them (model.merge_and_unload())."
+            )
+    params = list(module.parameters())
+    if any(p.is_meta for p in params) and config.verify:
+        raise ConversionError(
+            f"{site.name} is on the meta device, so the identity check cannot run; pass verify=False "
+            "when converting a meta model whose weights are loaded afterwards."
+        )
+    if site.source == "generic" and config.num_shared_experts and config.shared_expert_init == "zero_out":
+        if not any(isinstance(m, nn.Linear) for m in get(model, site.name).modules()):
+            raise ConversionError(
+                f"shared_expert_init='zero_out' needs an nn.Linear output projection, and {site.name} "
+                f"({site.class_name}) has none; use shared_expert_init='noise'."
+            )
+
+
+def _router_width(site: FFNSite, config: MoeifyConfig, model: nn.Module) -> int:
+    if config.router_hidden_size is not None:
+        width = config.router_hidden_size
+    else:
+        hidden = site.in_features or next(model.get_submodule(site.name).parameters()).shape[-1]
+        width = min(256, hidden)
+        if config.router == "cross_attention":
+            width = max(config.router_num_heads, width - width % config.router_num_heads)
+    if config.router == "cross_attention" and width % config.router_num_heads:
+        raise ConversionError(
+            f"router_hidden_size={width} must be divisible by router_num_heads={config.router_num_heads}"
+        )
+    return width
+
+
+def plan_conversion(model: nn.Module, config: MoeifyConfig) -> ConversionPlan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moeify expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, MoeLayer):
+        raise ConversionError("this module is already a moeify MoE layer; converting it again is refused")
+    report = find_ffns(model, config)
+    if config.target_modules is not None:
+        hit = [s.name for s in report.skipped if s.reason == "already converted by moeify"]
+        targeted = [n for n in hit if not any(n.startswith(s.name + ".") for s in report.sites)]
+        if targeted and not report.sites:
+            raise ConversionError(f"{targeted[0]} is already converted by moeify; converting it again is refused")
+    if not report.sites:
+        raise _nothing_found(model, report, config)
+    for site in report.sites:
+        _check_site(model, site, config)
+    conditioning = _conditioning(model, config)
+    widths = {site.name: _router_width(site, config, model) for site in report.sites}
+    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in model.parameters()):
+        raise ConversionError(
+            "moeify converts floating-point models; this one has quantized or integer weights. "
+            "Convert the full-precision model, then quantize."
+        )
+    return ConversionPlan(config, report, conditioning, widths)

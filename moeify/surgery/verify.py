@@ -1,0 +1,136 @@
+"""The identity check (Law 2 is checked, not assumed): the converted layer must reproduce the dense
+FFN, and optionally the converted model the dense model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moeify.layers.moe import MoeLayer
+from moeify.layers.routers import ConditioningContext
+from moeify.surgery.plan import ConversionError
+
+_TOKENS = (2, 8)  # batch, tokens per sample: enough to hit every expert of a random router
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Dropout off for the comparison; each module's own train/eval flags restored afterwards."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """max |out - ref| relative to the output scale max |ref|."""
+    scale = ref.detach().abs().max().clamp_min(1e-12)
+    return float((out.detach().float() - ref.detach().float()).abs().max() / scale)
+
+
+def tolerance_for(dtype: torch.dtype, tolerance: float) -> float:
+    """Reduced-precision weights cannot match to 1e-5: allow a few units of their rounding."""
+    return max(tolerance, 8 * torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else tolerance
+
+
+@torch.no_grad()
+def check_layer(
+    name: str,
+    dense_chain: list[nn.Module],
+    layer: MoeLayer,
+    *,
+    in_features: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    tolerance: float,
+    seed: int,
+    conditioning: tuple[ConditioningContext, int] | None,
+) -> float:
+    """Random tokens through the dense FFN and the MoE layer; raises ConversionError on mismatch."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*_TOKENS, in_features, generator=generator).to(device=device, dtype=dtype)
+    saved = None
+    if conditioning is not None:
+        context, dim = conditioning
+        saved = context.value
+        context.value = torch.randn(_TOKENS[0], 4, dim, generator=generator).to(device=device, dtype=dtype)
+    try:
+        with eval_mode(layer, *dense_chain):
+            ref = x
+            for module in dense_chain:
+                ref = module(ref)
+            out = layer(x)
+    except ConversionError:
+        raise
+    except Exception as error:  # the dense module or its clone failed on a plain token batch
+        raise ConversionError(
+            f"{name}: the identity check could not run the FFN on tokens shaped {tuple(x.shape)} "
+            f"({type(error).__name__}: {error}). If this module is not a token-wise FFN, leave it out "
+            "with exclude_modules."
+        ) from error
+    finally:
+        if conditioning is not None:
+            conditioning[0].value = saved
+        layer.last_losses = {}
+        layer.tokens_per_expert.zero_()
+    if out.shape != ref.shape:
+        raise ConversionError(f"{name}: the MoE layer returns {tuple(out.shape)}, the dense FFN {tuple(ref.shape)}")
+    error = relative_error(out, ref)
+    allowed = tolerance_for(dtype, tolerance)
+    if not error <= allowed:
+        raise ConversionError(
+            f"{name}: the converted layer does not reproduce the dense FFN: max |moe - dense| is {error:.3g} of "
+            f"the output scale (allowed {allowed:.1g}). Its layout was read wrongly; report this with the "
+            "module's class, or leave it out with exclude_modules."
+        )
+    return error
+
+
+def _outputs(result: Any) -> list[Tensor]:
+    """The floating-point tensors of a model output (ModelOutput, tuple, dict or tensor)."""
+    if isinstance(result, Tensor):
+        return [result] if result.is_floating_point() else []
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (list, tuple)):
+        return [t for item in result for t in _outputs(item)]
+    return []
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, example_inputs: Any) -> list[Tensor]:
+    call: Callable = model
+    with eval_mode(model):
+        if isinstance(example_inputs, dict):
+            result = call(**example_inputs)
+        elif isinstance(example_inputs, (list, tuple)):
+            result = call(*example_inputs)
+        else:
+            result = call(example_inputs)
+    # Routing counts of the check are not training statistics.
+    for module in model.modules():
+        if isinstance(module, MoeLayer):
+            module.tokens_per_expert.zero_()
+            module.last_losses = {}
+    return _outputs(result)
+
+
+def check_model(dense: list[Tensor], converted: list[Tensor], tolerance: float, dtype: torch.dtype) -> float:
+    if len(dense) != len(converted):
+        raise ConversionError("the converted model returns a different number of outputs than the dense model")
+    worst = max((relative_error(c, d) for c, d in zip(converted, dense)), default=0.0)
+    allowed = tolerance_for(dtype, tolerance) * 10  # errors of many layers add up
+    if not worst <= allowed:
+        raise ConversionError(
+            f"the converted model does not reproduce the dense model on example_inputs: max relative "
+            f"difference {worst:.3g} (allowed {allowed:.1g}); the model was left unchanged"
+        )
+    return worst
