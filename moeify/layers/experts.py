@@ -111,6 +111,10 @@ class PackedExperts(nn.Module):
             y_TD = y if y_TD is None else y_TD + y
         return y_TD
 
+    def matrices(self) -> list[nn.Parameter]:
+        """The weight matrices (no biases): what the "noise" shared init perturbs."""
+        return [self.w_in, self.w_out]
+
     def output_parameters(self) -> list[nn.Parameter]:
         """Parameters of the output projection (zeroed by the "zero_out" shared init)."""
         return [p for p in (self.w_out, self.b_out) if p is not None]
@@ -147,6 +151,9 @@ class ModuleExperts(nn.Module):
             y = expert(x_TD)
             y_TD = y if y_TD is None else y_TD + y
         return y_TD
+
+    def matrices(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.dim() >= 2]
 
     def output_parameters(self) -> list[nn.Parameter]:
         """The last nn.Linear of each copy, taken as its output projection."""

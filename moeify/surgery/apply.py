@@ -134,9 +134,8 @@ def init_shared_for_training(layer: MoeLayer, config: MoeifyConfig, index: int) 
         # Weights only: noise on an output bias would shift the output by O(std) directly; noisy
         # weights on both projections move it by O(std^2).
         with seeded(config.seed * 1_000_003 + index + 500_009):
-            for p in shared.parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(config.shared_noise_std))
+            for p in shared.matrices():
+                p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(config.shared_noise_std))
         return
     # "zero_out": input projections cloned from routed expert 0, output projection left at zero.
     routed_in = layer.experts.input_parameters()
