@@ -62,12 +62,17 @@ class MoeLayer(nn.Module):
         y_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts.forward_all(x_TD).to(y_TD.dtype)
-        self.tokens_per_expert.add_(tokens_per_expert_E)
-        self.last_losses = {
+        layer_losses = {
             "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k),
             "z_loss": losses.z_loss(logits_TE),
             "entropy": losses.entropy_bonus(probs_TE),
         }
+        # Gradient checkpointing re-runs this forward inside backward. The recompute must save the
+        # same tensors (so the losses are computed), but must neither count its tokens again nor
+        # replace the losses the current backward is using.
+        if torch._C._current_graph_task_id() == -1:
+            self.tokens_per_expert.add_(tokens_per_expert_E)
+            self.last_losses = layer_losses
         return y_TD.reshape(*batch_shape, y_TD.shape[-1])
 
     def aux_loss(self) -> Tensor | None:
