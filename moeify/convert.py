@@ -22,34 +22,46 @@ def _layer_dtype_device(model: nn.Module, site: FFNSite) -> tuple[torch.dtype, t
     return param.dtype, param.device
 
 
-def _build_and_check(model: nn.Module, plan: ConversionPlan) -> list[MoeLayer]:
+def _build_and_check(model: nn.Module, plan: ConversionPlan) -> tuple[list[MoeLayer], list[nn.Parameter]]:
+    """Build and check every layer, one at a time; each checked dense FFN then shares expert 0's
+    storage, so peak memory is the final size plus one FFN. On failure the sharing is undone."""
     config = plan.config
-    layers = []
-    context = None
-    if plan.conditioning is not None:
-        # A throwaway context for the check; the model's own is attached after the swap.
-        context = ConditioningContext(plan.conditioning.arg, type(model).__name__)
-    for index, site in enumerate(plan.sites):
-        layer = apply.build_layer(model, site, index, plan)
-        if context is not None:
-            layer.router.context = context
-        if config.verify:
-            dtype, device = _layer_dtype_device(model, site)
-            chain = site.layout.chain(model.get_submodule(site.name)) if site.layout else [model.get_submodule(site.name)]
-            in_features = site.in_features or apply._generic_hidden_size(model.get_submodule(site.name))
-            verify.check_layer(
-                site.name,
-                chain,
-                layer,
-                in_features=in_features,
-                dtype=dtype,
-                device=device,
-                tolerance=config.verify_tolerance,
-                seed=config.seed + index,
-                conditioning=(context, plan.conditioning.dim) if context is not None else None,
-            )
-        layers.append(layer)
-    return layers
+    layers: list[MoeLayer] = []
+    shared_params: list[nn.Parameter] = []
+    # A throwaway context for the check; the model's own is attached after the swap.
+    context = ConditioningContext(plan.conditioning.arg, type(model).__name__) if plan.conditioning else None
+    try:
+        for index, site in enumerate(plan.sites):
+            layer, weights = apply.build_layer(model, site, index, plan)
+            if context is not None:
+                layer.router.context = context
+            if config.verify:
+                _check(model, site, index, layer, plan, context)
+            if weights is not None:
+                shared_params += apply.share_storage(layer.experts, weights)
+            layers.append(layer)
+    except BaseException:
+        apply.unshare(shared_params)
+        raise
+    return layers, shared_params
+
+
+def _check(
+    model: nn.Module, site: FFNSite, index: int, layer: MoeLayer, plan: ConversionPlan, context: ConditioningContext | None
+) -> None:
+    dense = model.get_submodule(site.name)
+    dtype, device = _layer_dtype_device(model, site)
+    verify.check_layer(
+        site.name,
+        site.layout.chain(dense) if site.layout else [dense],
+        layer,
+        in_features=site.in_features or apply._generic_hidden_size(dense),
+        dtype=dtype,
+        device=device,
+        tolerance=plan.config.verify_tolerance,
+        seed=plan.config.seed + index,
+        conditioning=(context, plan.conditioning.dim) if context is not None else None,
+    )
 
 
 def moeify(
@@ -74,8 +86,12 @@ def moeify(
     config = (config or MoeifyConfig()).replace(**overrides) if overrides else (config or MoeifyConfig())
     started = time.perf_counter()
     plan = plan_conversion(model, config)
-    layers = _build_and_check(model, plan)
-    dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
+    layers, shared_params = _build_and_check(model, plan)
+    try:
+        dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
+    except BaseException:
+        apply.unshare(shared_params)
+        raise
     swaps = [swap for site, layer in zip(plan.sites, layers) for swap in apply.install(model, site, layer)]
     if plan.conditioning is not None:
         apply.attach_conditioning(model, layers, plan.conditioning.arg)
@@ -84,8 +100,9 @@ def moeify(
             converted = verify.run_model(model, example_inputs)
             dtype = next(model.parameters()).dtype
             verify.check_model(dense_outputs, converted, config.verify_tolerance, dtype)
-        except Exception:
+        except BaseException:
             apply.undo(swaps)  # the conditioning hook (if new) stays: it only records an argument
+            apply.unshare(shared_params)
             raise
     for index, layer in enumerate(layers):
         apply.init_shared_for_training(layer, config, index)

@@ -58,14 +58,31 @@ class FFNLayout:
         return [get(site, self.install_at)] + [get(site, path) for path in self.identities]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A block of rows of a packed tensor, read from one of the FFN's own parameters.
+
+    `transposed`: GPT-2's Conv1D stores [in, out]. `half`: one half of the parameter's rows
+    (diffusers' fused projections are [up; gate], packed as [gate; up]).
+    """
+
+    param: Tensor
+    transposed: bool = False
+    half: int | None = None
+
+    def value(self) -> Tensor:
+        t = self.param.t() if self.transposed else self.param
+        return t if self.half is None else t.chunk(2)[self.half]
+
+
 @dataclass
 class FFNWeights:
-    """An FFN read into packed form (tensors are the FFN's own, not copies)."""
+    """An FFN read into packed form, as pieces of its own parameters (no copies)."""
 
-    w_in: Tensor  # [I_in, D]; gated kinds stack [gate; up], I_in = 2 I
-    b_in: Tensor | None
-    w_out: Tensor  # [D_out, I]
-    b_out: Tensor | None
+    w_in: list[Piece]  # rows stacked: [gate; up] for gated kinds, giving [I_in, D]
+    b_in: list[Piece] | None
+    w_out: list[Piece]  # [D_out, I]
+    b_out: list[Piece] | None
     act: nn.Module
     gated: bool
     mid_dropout: float
@@ -73,30 +90,44 @@ class FFNWeights:
 
     @property
     def in_features(self) -> int:
-        return self.w_in.shape[1]
+        return self.w_in[0].value().shape[1]
 
     @property
     def intermediate_size(self) -> int:
-        return self.w_out.shape[1]
+        return self.w_out[0].value().shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.w_out.shape[0]
+        return self.w_out[0].value().shape[0]
+
+    @property
+    def in_rows(self) -> int:
+        return sum(piece.value().shape[0] for piece in self.w_in)
+
+    @property
+    def in_dtype(self) -> torch.dtype:
+        return self.w_in[0].param.dtype
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.w_out[0].param.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_in[0].param.device
 
 
 def get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def projection(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """(weight [out, in], bias) of a Linear-like module. GPT-2's Conv1D stores [in, out]: its
-    transpose is a view of the same values."""
+def projection(module: nn.Module) -> tuple[Piece, Piece | None]:
+    """(weight [out, in], bias) of a Linear-like module, as pieces."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"{type(module).__name__} is not a linear projection (no 2-D weight)")
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        weight = weight.t()
-    return weight, bias if isinstance(bias, Tensor) else None
+    transposed = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    return Piece(weight, transposed=transposed), Piece(bias) if isinstance(bias, Tensor) else None
 
 
 def _dropout_p(site: nn.Module, path: str | None) -> float:
@@ -110,28 +141,30 @@ def read_weights(site: nn.Module, layout: FFNLayout) -> FFNWeights:
     """Read an FFN through its layout; raises ValueError when the module does not fit it."""
     w_in, b_in = projection(get(site, layout.proj_in))
     w_out, b_out = projection(get(site, layout.proj_out))
+    w_in_pieces, b_in_pieces = [w_in], None if b_in is None else [b_in]
     if layout.kind == "gated":
         w_gate, b_gate = projection(get(site, layout.proj_gate))
-        if w_gate.shape != w_in.shape or (b_gate is None) != (b_in is None):
-            raise ValueError(f"gate {tuple(w_gate.shape)} and up {tuple(w_in.shape)} projections differ")
-        w_in = torch.cat([w_gate, w_in])
-        b_in = None if b_in is None else torch.cat([b_gate, b_in])
+        if w_gate.value().shape != w_in.value().shape or (b_gate is None) != (b_in is None):
+            raise ValueError(f"gate {tuple(w_gate.value().shape)} and up {tuple(w_in.value().shape)} projections differ")
+        w_in_pieces = [w_gate, w_in]
+        b_in_pieces = None if b_in is None else [b_gate, b_in]
     elif layout.kind == "fused_gated" and not layout.gate_first:
-        # Canonical order is [gate; up] (transformers' gate_up_proj); swap diffusers' [up; gate].
-        w_in = torch.cat(w_in.chunk(2)[::-1])
-        b_in = None if b_in is None else torch.cat(b_in.chunk(2)[::-1])
+        # Canonical order is [gate; up] (transformers' gate_up_proj); diffusers' is [up; gate].
+        w_in_pieces = [Piece(w_in.param, w_in.transposed, 1), Piece(w_in.param, w_in.transposed, 0)]
+        b_in_pieces = None if b_in is None else [Piece(b_in.param, half=1), Piece(b_in.param, half=0)]
     gated = layout.kind != "mlp"
-    inner = w_in.shape[0] // 2 if gated else w_in.shape[0]
-    if w_out.shape[1] != inner or (gated and w_in.shape[0] % 2):
+    rows = sum(p.value().shape[0] for p in w_in_pieces)
+    inner = rows // 2 if gated else rows
+    if w_out.value().shape[1] != inner or (gated and rows % 2):
         raise ValueError(
-            f"projection shapes do not chain: in {tuple(w_in.shape)}, out {tuple(w_out.shape)} (kind={layout.kind})"
+            f"projection shapes do not chain: in has {rows} rows, out is {tuple(w_out.value().shape)} (kind={layout.kind})"
         )
     act = layout.act(site) if callable(layout.act) else copy.deepcopy(get(site, layout.act))
     return FFNWeights(
-        w_in=w_in,
-        b_in=b_in,
-        w_out=w_out,
-        b_out=b_out,
+        w_in=w_in_pieces,
+        b_in=b_in_pieces,
+        w_out=[w_out],
+        b_out=None if b_out is None else [b_out],
         act=act,
         gated=gated,
         mid_dropout=_dropout_p(site, layout.mid_dropout),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moeify.architectures import read_weights
-from moeify.architectures.layouts import FFNWeights, get
+from moeify.architectures.layouts import FFNWeights, Piece, get
 from moeify.config import MoeifyConfig
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.moe import MoeLayer
@@ -45,34 +45,75 @@ def _packed(weights: FFNWeights, num_experts: int) -> PackedExperts:
         bias_out=weights.b_out is not None,
         mid_dropout=weights.mid_dropout,
         out_dropout=weights.out_dropout,
-        in_dtype=weights.w_in.dtype,
-        out_dtype=weights.w_out.dtype,
-        device=weights.w_in.device,
+        in_dtype=weights.in_dtype,
+        out_dtype=weights.out_dtype,
+        device=weights.device,
     )
     return experts
 
 
+def _packed_pairs(experts: PackedExperts, weights: FFNWeights) -> list[tuple[torch.Tensor, list[Piece]]]:
+    pairs = [(experts.w_in, weights.w_in), (experts.w_out, weights.w_out)]
+    if weights.b_in is not None:
+        pairs.append((experts.b_in, weights.b_in))
+    if weights.b_out is not None:
+        pairs.append((experts.b_out, weights.b_out))
+    return pairs
+
+
 @torch.no_grad()
 def _clone_into(experts: PackedExperts, weights: FFNWeights) -> None:
-    """Law 1: every expert slice equals the dense weights bit for bit."""
+    """Law 1: every expert slice equals the dense weights bit for bit. Each piece is copied
+    straight into its rows of the preallocated [E, ...] tensor (no concatenated temporary)."""
     if experts.w_in.is_meta:
         return
-    experts.w_in.copy_(weights.w_in.unsqueeze(0).expand_as(experts.w_in))
-    experts.w_out.copy_(weights.w_out.unsqueeze(0).expand_as(experts.w_out))
-    if experts.b_in is not None:
-        experts.b_in.copy_(weights.b_in.unsqueeze(0).expand_as(experts.b_in))
-    if experts.b_out is not None:
-        experts.b_out.copy_(weights.b_out.unsqueeze(0).expand_as(experts.b_out))
+    for packed, pieces in _packed_pairs(experts, weights):
+        offset = 0
+        for piece in pieces:
+            value = piece.value()
+            rows = value.shape[0]
+            packed[:, offset : offset + rows].copy_(value.unsqueeze(0).expand(packed.shape[0], *value.shape))
+            offset += rows
+
+
+@torch.no_grad()
+def share_storage(experts: PackedExperts, weights: FFNWeights) -> list[nn.Parameter]:
+    """After the identity check: point the dense FFN's parameters at expert 0's rows (the same
+    values, bit for bit), so the dense copy costs no memory while conversion goes on: peak memory
+    stays at the final size plus one FFN. Returns the re-pointed parameters (for `unshare`)."""
+    shared: list[nn.Parameter] = []
+    if experts.w_in.is_meta:
+        return shared
+    for packed, pieces in _packed_pairs(experts, weights):
+        offset = 0
+        for piece in pieces:
+            rows = piece.value().shape[0]
+            # A half of a fused [up; gate] projection maps to non-adjacent rows: leave it alone.
+            if piece.half is None and isinstance(piece.param, nn.Parameter):
+                view = packed[0, offset : offset + rows]
+                piece.param.data = view.t() if piece.transposed else view
+                shared.append(piece.param)
+            offset += rows
+    return shared
+
+
+@torch.no_grad()
+def unshare(params: list[nn.Parameter]) -> None:
+    """Undo `share_storage` (a failed conversion): give each dense parameter its own storage again."""
+    for param in params:
+        param.data = param.data.clone()
 
 
 def _dense_module(model: nn.Module, site: FFNSite) -> nn.Module:
     return model.get_submodule(site.name)
 
 
-def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPlan) -> MoeLayer:
-    """The MoE layer for one site, not yet installed."""
+def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPlan) -> tuple[MoeLayer, FFNWeights | None]:
+    """The MoE layer for one site, not yet installed, and the dense weights it was read from
+    (None on the generic path)."""
     config = plan.config
     module = _dense_module(model, site)
+    weights = None
     if site.layout is not None:
         weights = read_weights(module, site.layout)
         experts = _packed(weights, config.num_experts)
@@ -84,7 +125,7 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
                 with torch.no_grad():
                     for p in shared.parameters():
                         p.zero_()  # Law 2
-        hidden, device = weights.in_features, weights.w_in.device
+        hidden, device = weights.in_features, weights.device
     else:
         experts = ModuleExperts(module, config.num_experts)
         shared = ModuleExperts(module, config.num_shared_experts) if config.num_shared_experts else None
@@ -105,7 +146,7 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
     with seeded(config.seed * 1_000_003 + index):
         router = build_router(config.router, spec)  # Law 3, built on CPU
     router = router.to("meta" if device.type == "meta" else device)
-    return MoeLayer(
+    layer = MoeLayer(
         router=router,
         experts=experts,
         shared_experts=shared,
@@ -115,6 +156,7 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
         z_loss_weight=config.z_loss_weight,
         entropy_loss_weight=config.entropy_loss_weight,
     )
+    return layer, weights
 
 
 def _generic_hidden_size(module: nn.Module) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moeify.layers.routers.base import Router, RouterSpec, register_router
+from moeify.layers.routers.base import Router, register_router
 
 
 class LinearRouter(Router):
