@@ -24,11 +24,14 @@ def z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
-def entropy_bonus(probs_TE: Tensor) -> Tensor:
+def entropy(probs_TE: Tensor) -> Tensor:
+    """Per-token routing entropy H(p_t) in nats, [T]."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
+
+
+def entropy_bonus(entropy_T: Tensor, num_experts: int) -> Tensor:
     """Minus the mean per-token routing entropy, normalised by log E (in [-1, 0]): minimising it
     spreads each token's probability over experts, against collapse onto one."""
-    num_experts = probs_TE.shape[-1]
     if num_experts == 1:
-        return probs_TE.new_zeros(())
-    entropy_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
+        return entropy_T.new_zeros(())
     return -entropy_T.mean() / math.log(num_experts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moeify.layers import losses
+from moeify.layers import losses, stats
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.routers.base import Router
 
@@ -41,31 +41,38 @@ class MoeLayer(nn.Module):
         # Routing counts build up on the device across forwards and are read (and reset) by the
         # monitors once per optimizer step: no host sync here. int64: bf16 counts miscount above 256.
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        # Further statistics (moeify.layers.stats) only while monitors are attached.
+        self.collect_stats = False
+        self.register_buffer("stat_sums", torch.zeros(len(stats.STATS)), persistent=False)
+        self.register_buffer("stat_prob_sum", torch.zeros(self.num_experts), persistent=False)
         self.last_losses: dict[str, Tensor] = {}
 
     def extra_repr(self) -> str:
         shared = self.shared_experts.num_experts if self.shared_experts is not None else 0
         return f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, temperature={self.temperature}"
 
-    def route(self, x_TD: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """fp32 routing: returns logits_TE, probs_TE, expert_idx_TK and renormalised weights_TK."""
+    def route(self, x_TD: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """fp32 routing: logits_TE, probs_TE, the top-(k+1) probabilities, expert_idx_TK and the
+        renormalised weights_TK. The (k+1)-th probability gives the top-k boundary margin."""
         logits_TE = self.router(x_TD, batch_shape)
         probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
-        top_probs_TK, expert_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        top_probs_TK1, top_idx_TK1 = probs_TE.topk(min(self.top_k + 1, self.num_experts), dim=-1)
+        top_probs_TK, expert_idx_TK = top_probs_TK1[:, : self.top_k], top_idx_TK1[:, : self.top_k]
         weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
-        return logits_TE, probs_TE, expert_idx_TK, weights_TK
+        return logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - FFN signature
         batch_shape = hidden_states.shape[:-1]
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits_TE, probs_TE, expert_idx_TK, weights_TK = self.route(x_TD, batch_shape)
-        y_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts.forward_all(x_TD).to(y_TD.dtype)
+        logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK = self.route(x_TD, batch_shape)
+        routed_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
+        shared_TD = self.shared_experts.forward_all(x_TD).to(routed_TD.dtype) if self.shared_experts is not None else None
+        y_TD = routed_TD if shared_TD is None else routed_TD + shared_TD
+        entropy_T = losses.entropy(probs_TE)
         layer_losses = {
             "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k),
             "z_loss": losses.z_loss(logits_TE),
-            "entropy": losses.entropy_bonus(probs_TE),
+            "entropy": losses.entropy_bonus(entropy_T, self.num_experts),
         }
         # Gradient checkpointing re-runs this forward inside backward. The recompute must save the
         # same tensors (so the losses are computed), but must neither count its tokens again nor
@@ -73,7 +80,17 @@ class MoeLayer(nn.Module):
         if torch._C._current_graph_task_id() == -1:
             self.tokens_per_expert.add_(tokens_per_expert_E)
             self.last_losses = layer_losses
+            if self.collect_stats:
+                stats.accumulate(
+                    self.stat_sums, self.stat_prob_sum, probs_TE, entropy_T, top_probs_TK1, self.top_k, routed_TD, shared_TD
+                )
         return y_TD.reshape(*batch_shape, y_TD.shape[-1])
+
+    def reset_stats(self) -> None:
+        """Zero the accumulated routing statistics (the monitor runner does this after each read)."""
+        self.tokens_per_expert.zero_()
+        self.stat_sums.zero_()
+        self.stat_prob_sum.zero_()
 
     def aux_loss(self) -> Tensor | None:
         """The weighted sum of this layer's router losses from its last forward (None before any)."""

@@ -1,0 +1,54 @@
+"""Routing statistics that a MoE layer adds up on the device during forward, for the monitors.
+
+Nothing here reads a value back to the host: the monitor runner gathers every layer's buffers
+once per optimizer step (one concat, one all-reduce, one copy to the host) and resets them.
+
+`sums` is one fp32 vector, indexed by `STATS`:
+  tokens          tokens routed (T)
+  entropy         sum over tokens of the routing entropy H(p_t) (nats)
+  max_prob        sum over tokens of max_e p_te (near 1: saturated one-hot routing)
+  margin          sum over tokens of p_(k) - p_(k+1): how far the k-th choice is from the boundary
+  routed_norm     sum over tokens of ||routed output_t||
+  shared_norm     sum over tokens of ||shared output_t|| (shared-expert maturity)
+`prob_sum[e]` is sum over tokens of p_te; `tokens_per_expert[e]` counts top-k assignments (int64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+STATS = ("tokens", "entropy", "max_prob", "margin", "routed_norm", "shared_norm")
+INDEX = {name: i for i, name in enumerate(STATS)}
+
+
+@torch.no_grad()
+def accumulate(
+    sums: Tensor,
+    prob_sum_E: Tensor,
+    probs_TE: Tensor,
+    entropy_T: Tensor,
+    top_probs_TK1: Tensor,
+    top_k: int,
+    routed_TD: Tensor,
+    shared_TD: Tensor | None,
+) -> None:
+    """Add one forward's statistics into the layer's buffers (all on the device)."""
+    margin = (
+        (top_probs_TK1[:, top_k - 1] - top_probs_TK1[:, top_k]).sum()
+        if top_probs_TK1.shape[1] > top_k
+        else probs_TE.new_zeros(())
+    )
+    shared_norm = shared_TD.float().norm(dim=-1).sum() if shared_TD is not None else probs_TE.new_zeros(())
+    update = torch.stack(
+        [
+            probs_TE.new_tensor(float(probs_TE.shape[0])),
+            entropy_T.sum(),
+            top_probs_TK1[:, 0].sum(),
+            margin,
+            routed_TD.float().norm(dim=-1).sum(),
+            shared_norm,
+        ]
+    )
+    sums.add_(update)
+    prob_sum_E.add_(probs_TE.sum(0))
