@@ -1,0 +1,122 @@
+"""The monitor protocol and registry.
+
+A monitor turns one step's routing statistics (already on the host, already all-reduced) into
+per-layer numbers and discrete events. It never touches the device on its own schedule: the
+runner reads every layer once per step and hands the same `StepStats` to every monitor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from moeify.layers.stats import INDEX
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One MoE layer's routing over one observation window (means are per routed token)."""
+
+    name: str  # module name, e.g. "model.layers.3.mlp"
+    depth: int  # position among the model's MoE layers, 0 = shallowest
+    num_experts: int
+    top_k: int
+    tokens: float  # tokens routed in the window
+    tokens_per_expert: tuple[float, ...]  # top-k assignments per expert
+    prob_mean: tuple[float, ...]  # mean router probability per expert
+    entropy: float  # mean per-token routing entropy / log E, in [0, 1]
+    max_prob: float  # mean of the largest routing probability
+    margin: float  # mean gap between the k-th and (k+1)-th probability
+    routed_norm: float  # mean ||routed output||
+    shared_norm: float  # mean ||shared output|| (0 without shared experts)
+
+    @property
+    def load_share(self) -> tuple[float, ...]:
+        """Share of the top-k assignments per expert (sums to 1; zeros when no tokens)."""
+        total = sum(self.tokens_per_expert)
+        return tuple(c / total for c in self.tokens_per_expert) if total else tuple(0.0 for _ in self.tokens_per_expert)
+
+    @classmethod
+    def from_sums(
+        cls, name: str, depth: int, top_k: int, counts: list[float], prob_sum: list[float], sums: list[float]
+    ) -> LayerStats:
+        tokens = sums[INDEX["tokens"]]
+        per = 1.0 / tokens if tokens else 0.0
+        num_experts = len(counts)
+        log_e = math.log(num_experts) if num_experts > 1 else 1.0
+        return cls(
+            name=name,
+            depth=depth,
+            num_experts=num_experts,
+            top_k=top_k,
+            tokens=tokens,
+            tokens_per_expert=tuple(counts),
+            prob_mean=tuple(p * per for p in prob_sum),
+            entropy=sums[INDEX["entropy"]] * per / log_e,
+            max_prob=sums[INDEX["max_prob"]] * per,
+            margin=sums[INDEX["margin"]] * per,
+            routed_norm=sums[INDEX["routed_norm"]] * per,
+            shared_norm=sums[INDEX["shared_norm"]] * per,
+        )
+
+
+@dataclass
+class StepStats:
+    """Everything a monitor sees at one observation."""
+
+    step: int  # optimizer step number (1-based)
+    steps_in_window: int  # optimizer steps covered by this observation
+    layers: list[LayerStats]
+    model: nn.Module = field(repr=False)
+
+
+Event = dict[str, Any]  # at least: step, monitor, layer, kind, detail
+
+
+def event(step: int, monitor: str, layer: str | None, kind: str, detail: str, **extra: Any) -> Event:
+    return {"step": step, "monitor": monitor, "layer": layer, "kind": kind, "detail": detail, **extra}
+
+
+class Monitor:
+    """Base class of monitors. Subclasses set `name` and implement `observe`.
+
+    `observe` returns this step's per-layer metrics ({layer name: {metric: float}}; a model-wide
+    metric goes under the key "model") and the events it raises. `summary` returns a
+    JSON-serialisable dict. Thresholds are constructor arguments.
+    """
+
+    name: ClassVar[str] = ""
+
+    def observe(self, stats: StepStats) -> tuple[dict[str, dict[str, float]], list[Event]]:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+MonitorFactory = Callable[[], Monitor]
+_MONITORS: dict[str, type[Monitor] | MonitorFactory] = {}
+DEFAULT_MONITORS: list[str] = []
+
+
+def register_monitor(name: str, factory: type[Monitor] | MonitorFactory, *, default: bool = False) -> None:
+    """Make `attach_monitors(model, monitors=[name])` build `factory()`. Duplicates are refused."""
+    if name in _MONITORS:
+        raise ValueError(f"a monitor named {name!r} is already registered")
+    _MONITORS[name] = factory
+    if default:
+        DEFAULT_MONITORS.append(name)
+
+
+def build_monitor(name: str) -> Monitor:
+    if name not in _MONITORS:
+        raise ValueError(f"unknown monitor {name!r}; registered monitors: {sorted(_MONITORS)}")
+    return _MONITORS[name]()
+
+
+def monitor_names() -> tuple[str, ...]:
+    return tuple(sorted(_MONITORS))

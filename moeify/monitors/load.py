@@ -1,0 +1,44 @@
+"""Expert load: how the top-k assignments of each layer spread over its experts.
+
+Per layer and window:
+  share_e   = assignments to expert e / all assignments (sums to 1)
+  cv        = std(share) / mean(share) (coefficient of variation; 0 when perfectly balanced)
+  max_mean  = max(share) / mean(share) (1 when balanced, E when one expert takes everything)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moeify.monitors.base import Event, Monitor, StepStats, register_monitor
+
+
+class ExpertLoad(Monitor):
+    name = "expert_load"
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, float]] = {}
+        self._worst_cv: dict[str, float] = {}
+
+    def observe(self, stats: StepStats) -> tuple[dict[str, dict[str, float]], list[Event]]:
+        metrics: dict[str, dict[str, float]] = {}
+        for layer in stats.layers:
+            share = layer.load_share
+            mean = 1.0 / layer.num_experts
+            cv = math.sqrt(sum((s - mean) ** 2 for s in share) / layer.num_experts) / mean if layer.tokens else 0.0
+            values = {"cv": cv, "max_mean": (max(share) / mean) if layer.tokens else 0.0}
+            values.update({f"share_{e}": s for e, s in enumerate(share)})
+            metrics[layer.name] = values
+            self._worst_cv[layer.name] = max(cv, self._worst_cv.get(layer.name, 0.0))
+        self._last = metrics
+        return metrics, []
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            name: {"cv": m["cv"], "max_mean": m["max_mean"], "worst_cv": self._worst_cv[name]}
+            for name, m in self._last.items()
+        }
+
+
+register_monitor("expert_load", ExpertLoad, default=True)

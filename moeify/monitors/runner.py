@@ -1,0 +1,139 @@
+"""`MonitorRunner`: reads every MoE layer's statistics once per step and feeds monitors and sinks.
+
+The read is one `torch.cat` of all layers' buffers, one all-reduce under torch.distributed (so
+every rank judges the same global numbers), and one copy to the host — torchtitan's pattern of
+accumulating during forward and reading from the optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeify.convert import moe_layers
+from moeify.layers.moe import MoeLayer
+from moeify.monitors.base import DEFAULT_MONITORS, Event, LayerStats, Monitor, StepStats, build_monitor
+
+
+class Sink(Protocol):
+    """Where a runner's records go. `write` gets each step's record, `close` the summary."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, summary: dict[str, Any]) -> None: ...
+
+
+def gather(layers: Sequence[tuple[str, MoeLayer]], *, reset: bool = True) -> list[LayerStats]:
+    """All layers' statistics as host numbers: one concat, one all-reduce, one device→host copy."""
+    if not layers:
+        return []
+    parts = [torch.cat([m.tokens_per_expert.float(), m.stat_prob_sum, m.stat_sums]) for _, m in layers]
+    flat = torch.cat(parts)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    values = flat.cpu().tolist()
+    out, offset = [], 0
+    for depth, (name, layer) in enumerate(layers):
+        e = layer.num_experts
+        counts = values[offset : offset + e]
+        prob_sum = values[offset + e : offset + 2 * e]
+        sums = values[offset + 2 * e : offset + len(parts[depth])]
+        offset += len(parts[depth])
+        out.append(LayerStats.from_sums(name, depth, layer.top_k, counts, prob_sum, sums))
+        if reset:
+            layer.reset_stats()
+    return out
+
+
+class MonitorRunner:
+    """Drives monitors and sinks. Call `step()` once per optimizer step, or `attach_optimizer`."""
+
+    def __init__(
+        self, model: nn.Module, monitors: Iterable[Monitor], sinks: Iterable[Sink] = (), every_n_steps: int = 1
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.model = model
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+        self.monitors = list(monitors)
+        self.sinks = list(sinks)
+        self.every_n_steps = every_n_steps
+        self.events: list[Event] = []
+        self.history: list[dict[str, Any]] = []
+        self.steps = 0
+        self._hooks: list[Any] = []
+        self._closed = False
+        for _, layer in self.layers:
+            layer.reset_stats()
+            layer.collect_stats = True
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> MonitorRunner:
+        """Run `step()` after every `optimizer.step()`."""
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        return self
+
+    def step(self) -> dict[str, Any] | None:
+        """Count one optimizer step; every `every_n_steps` steps read, judge and write a record."""
+        if self._closed:
+            raise RuntimeError("this MonitorRunner is closed")
+        self.steps += 1
+        if self.steps % self.every_n_steps:
+            return None
+        stats = StepStats(self.steps, self.every_n_steps, gather(self.layers), self.model)
+        record: dict[str, Any] = {"step": self.steps, "monitors": {}}
+        new_events: list[Event] = []
+        for monitor in self.monitors:
+            metrics, events = monitor.observe(stats)
+            record["monitors"][monitor.name] = metrics
+            new_events += events
+        record["events"] = new_events
+        self.events += new_events
+        self.history.append(record)
+        for sink in self.sinks:
+            sink.write(record)
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        """Per monitor, per layer: JSON-serialisable."""
+        return {
+            "steps": self.steps,
+            "layers": [name for name, _ in self.layers],
+            "monitors": {m.name: m.summary() for m in self.monitors},
+            "events": len(self.events),
+        }
+
+    def close(self) -> dict[str, Any]:
+        """Detach from the model and optimizer, flush sinks; returns the summary."""
+        if self._closed:
+            return self.summary()
+        for hook in self._hooks:
+            hook.remove()
+        for _, layer in self.layers:
+            layer.collect_stats = False
+        summary = self.summary()
+        for sink in self.sinks:
+            sink.close(summary)
+        self._closed = True
+        return summary
+
+
+def attach_monitors(
+    model: nn.Module,
+    monitors: str | Iterable[str | Monitor] = "default",
+    sinks: Iterable[Sink] = (),
+    every_n_steps: int = 1,
+) -> MonitorRunner:
+    """Start watching a converted model's routing. `monitors`: "default", or names / instances."""
+    if monitors == "default":
+        chosen: list[Monitor] = [build_monitor(name) for name in DEFAULT_MONITORS]
+    elif isinstance(monitors, str):
+        chosen = [build_monitor(monitors)]
+    else:
+        chosen = [m if isinstance(m, Monitor) else build_monitor(m) for m in monitors]
+    return MonitorRunner(model, chosen, sinks, every_n_steps)
