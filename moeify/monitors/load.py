@@ -3,7 +3,8 @@
 Per layer and window:
   share_e   = assignments to expert e / all assignments (sums to 1)
   cv        = std(share) / mean(share) (coefficient of variation; 0 when perfectly balanced)
-  max_mean  = max(share) / mean(share) (1 when balanced, E when one expert takes everything)
+  max_mean  = max(share) / mean(share) (1 when balanced, E/k when one expert takes every token:
+              with top-k a single expert can hold at most 1/k of the assignments)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class ExpertLoad(Monitor):
             share = layer.load_share
             mean = 1.0 / layer.num_experts
             cv = math.sqrt(sum((s - mean) ** 2 for s in share) / layer.num_experts) / mean if layer.tokens else 0.0
-            values = {"cv": cv, "max_mean": (max(share) / mean) if layer.tokens else 0.0}
+            values = {"cv": cv, "max_mean": (max(share) / mean) if layer.tokens else 0.0, "top_k": float(layer.top_k)}
             values.update({f"share_{e}": s for e, s in enumerate(share)})
             metrics[layer.name] = values
             self._worst_cv[layer.name] = max(cv, self._worst_cv.get(layer.name, 0.0))
