@@ -74,7 +74,8 @@ class MoeifyConfig:
         target_modules: which FFNs to convert (regex string, or list of names/suffixes); for
             a plain nn.Module these name the FFN modules themselves.
         exclude_modules: FFNs to leave dense (same syntax).
-        layers: block indices to convert (the last integer in a site's name), None for all.
+        layers: block indices to convert (the first integer in a site's name: 3 in
+            `model.layers.3.mlp`), None for all.
         conditioning_dim: feature size of the conditioning a cross-attention router attends
             to, when the architecture does not say it.
         verify: run the identity check (dense FFN vs MoE layer) on every converted layer.

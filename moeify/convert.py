@@ -145,6 +145,16 @@ def aux_loss(model: nn.Module) -> Tensor:
     total = present[0]
     for term in present[1:]:
         total = total + term.to(total.device)
+    if torch.is_grad_enabled() and total.grad_fn is None and any(p.requires_grad for _, m in layers for p in m.router.parameters()):
+        # The forward ran without autograd although the routers are trainable: reentrant
+        # checkpointing runs the first forward under no_grad, so the losses recorded there
+        # carry no graph and the routers would silently never train.
+        raise RuntimeError(
+            "aux_loss(model) has no gradient: the last forward ran under torch.no_grad (e.g. gradient "
+            "checkpointing with use_reentrant=True). Use non-reentrant checkpointing: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+            "or call aux_loss under torch.no_grad() if you only log it."
+        )
     return total
 
 

@@ -206,6 +206,9 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> Swap:
     parent_path, _, attr = path.rpartition(".")
     parent = get(model, parent_path)
     old = getattr(parent, attr)
+    # A new module is in training mode; it takes the mode of the one it replaces (an eval model
+    # stays in eval, its experts' dropouts off).
+    new.train(old.training)
     setattr(parent, attr, new)
     return Swap(parent, attr, old, new)
 

@@ -24,7 +24,7 @@ class FFNSite:
     class_name: str
     source: str  # "registry" | "probe" | "generic"
     install_path: str  # where the MoE layer goes (differs from `name` for split FFNs)
-    layer: int | None  # block index: the last integer in `name`
+    layer: int | None  # block index: the first integer in `name`
     in_features: int | None = None
     intermediate_size: int | None = None
     out_features: int | None = None
@@ -75,8 +75,10 @@ class FFNReport:
 
 
 def layer_index(name: str) -> int | None:
-    found = _LAYER_INDEX.findall(name)
-    return int(found[-1]) if found else None
+    """The block index of a site: the first integer in its name (3 in `model.layers.3.mlp`, 0 in
+    T5's `encoder.block.0.layer.1.DenseReluDense`, whose second integer is the sub-layer)."""
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
 
 
 def _matches(patterns: str | tuple[str, ...] | None, names: tuple[str, ...]) -> bool:
