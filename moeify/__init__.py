@@ -8,6 +8,7 @@
 from moeify.architectures import FFNLayout, register_conditioning, register_ffn, register_skip
 from moeify.config import MoeifyConfig
 from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify
+from moeify.hub.export import ExportError, export
 from moeify.layers import MoeLayer, register_router
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConversionError",
+    "ExportError",
     "FFNLayout",
     "FFNReport",
     "MoeLayer",
@@ -22,6 +24,7 @@ __all__ = [
     "MoeifyState",
     "__version__",
     "aux_loss",
+    "export",
     "find_ffns",
     "moe_layers",
     "moeify",

@@ -68,6 +68,7 @@ DIFFUSERS_CONDITIONING = {
     "WanTransformer3DModel": "text_dim",
     "LTXVideoTransformer3DModel": "caption_channels",
     "HunyuanVideoTransformer3DModel": "text_embed_dim",
+    "MochiTransformer3DModel": "text_embed_dim",
     "UNet2DConditionModel": "cross_attention_dim",
     "Transformer2DModel": "cross_attention_dim",
 }

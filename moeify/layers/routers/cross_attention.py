@@ -20,31 +20,58 @@ from torch import Tensor, nn
 
 from moeify.layers.routers.base import Router, RouterSpec, register_router
 
+MASK_ARG = "encoder_attention_mask"
+
+
+def keep_mask(mask: Tensor, batch: int, length: int) -> Tensor | None:
+    """A conditioning mask in any of diffusers' formats as a bool [B, L] "attend to this token":
+    bool, 0/1 (keep = 1), or an additive bias (0 keep, large negative drop), shaped [B, L] or
+    [B, 1, L]. None when its shape does not match the conditioning (then nothing is masked)."""
+    if mask.dim() == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    mask = mask.float()
+    if bool((mask < 0).any()):  # additive bias: 0 keeps, -10000 / -inf drops
+        return mask > -1.0
+    return mask > 0.5
+
 
 class ConditioningContext:
-    """Holds the conditioning of the current forward for every cross-attention router of a model."""
+    """Holds the conditioning (and its padding mask) of the current forward for every
+    cross-attention router of a model."""
 
     def __init__(self, arg_name: str, model_name: str) -> None:
         self.arg_name, self.model_name = arg_name, model_name
         self.value: Tensor | None = None
+        self.mask: Tensor | None = None
         self._position: int | None = None
+        self._mask_position: int | None = None
 
     def bind(self, forward) -> None:  # noqa: ANN001
-        """Learn where the conditioning sits among the forward's positional parameters."""
+        """Learn where the conditioning and its mask sit among the forward's positional parameters."""
         names = [
             p.name
             for p in inspect.signature(forward).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         self._position = names.index(self.arg_name) if self.arg_name in names else None
+        self._mask_position = names.index(MASK_ARG) if MASK_ARG in names else None
+
+    @staticmethod
+    def _argument(args: tuple, kwargs: dict, name: str, position: int | None) -> Tensor | None:
+        value = kwargs.get(name)
+        if value is None and position is not None and position < len(args):
+            value = args[position]
+        return value
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook (with_kwargs=True) on the root model. The tensor is kept (not cleared
-        after forward) because gradient checkpointing re-runs the blocks during backward."""
-        value = kwargs.get(self.arg_name)
-        if value is None and self._position is not None and self._position < len(args):
-            value = args[self._position]
-        self.value = value
+        """Forward pre-hook (with_kwargs=True) on the root model. The tensors are kept (not
+        cleared after forward) because gradient checkpointing re-runs the blocks during backward."""
+        self.value = self._argument(args, kwargs, self.arg_name, self._position)
+        self.mask = self._argument(args, kwargs, MASK_ARG, self._mask_position)
 
     def get(self) -> Tensor:
         if self.value is None:
@@ -98,9 +125,22 @@ class CrossAttentionRouter(Router):
         q_BNSA = self.to_q(x_TD).view(batch, -1, heads, self.to_q.out_features // heads).transpose(1, 2)
         k_BNLA = self.to_k(c_BLC).view(batch, -1, heads, self.to_k.out_features // heads).transpose(1, 2)
         v_BNLA = self.to_v(c_BLC).view(batch, -1, heads, self.to_v.out_features // heads).transpose(1, 2)
-        r_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNLA, v_BNLA)
+        r_BNSA = F.scaled_dot_product_attention(q_BNSA, k_BNLA, v_BNLA, attn_mask=self._attention_mask(c_BLC))
         r_TA = r_BNSA.transpose(1, 2).reshape(x_TD.shape[0], -1)
         return self.from_tokens(x_TD) + self.from_context(r_TA)
+
+    def _attention_mask(self, c_BLC: Tensor) -> Tensor | None:
+        """Padding tokens the model masks out must not steer the routes: a [B, 1, 1, L] bool mask
+        from the captured `encoder_attention_mask`. A row with every token masked attends to all of
+        them instead (softmax over nothing is NaN)."""
+        mask = self.context.mask if self.context is not None else None
+        if mask is None:
+            return None
+        keep_BL = keep_mask(mask.to(c_BLC.device), c_BLC.shape[0], c_BLC.shape[1])
+        if keep_BL is None:
+            return None
+        keep_BL = keep_BL | ~keep_BL.any(dim=-1, keepdim=True)
+        return keep_BL[:, None, None, :]
 
 
 def _build(spec: RouterSpec) -> CrossAttentionRouter:
