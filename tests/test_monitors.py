@@ -441,3 +441,17 @@ def test_collecting_statistics_adds_no_host_read_to_forward():
         calls[collect] = reads.calls
     assert calls[True] == calls[False]
     assert layer.stat_sums[0] == 16  # tokens were counted on the device
+
+
+def test_homogenization_measures_drift_from_the_clones_at_attach_time():
+    model = tiny_model()
+    runner = attach_monitors(model, [ExpertHomogenization(every_n_steps=1)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    runner.attach_optimizer(optimizer)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    (model(ids, labels=ids).loss + aux_loss(model)).backward()
+    optimizer.step()
+    first = runner.history[0]["monitors"]["expert_homogenization"]
+    # The reference is the clones as converted, so the first step's move is already measured.
+    assert all(m["drift"] > 0 for m in first.values())
+    runner.close()

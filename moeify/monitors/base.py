@@ -91,6 +91,9 @@ class Monitor:
 
     name: ClassVar[str] = ""
 
+    def attach(self, model: nn.Module, layer_names: list[str]) -> None:
+        """Called once when the runner starts, before any training step (e.g. to snapshot weights)."""
+
     def observe(self, stats: StepStats) -> tuple[dict[str, dict[str, float]], list[Event]]:
         raise NotImplementedError
 

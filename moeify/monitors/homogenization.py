@@ -13,9 +13,8 @@ distances and norms up to a common scale n/m that cancels in the ratios below. M
 O(E · sample_size) per layer; one read is E · sample_size gathers per layer and one host copy
 for all layers.
 
-Per layer (w_e = fingerprint of expert e now, w0_e = at the first read, ||·|| the 2-norm; the
-first read comes with the runner's first observation, i.e. after its first optimizer step(s),
-so drift leaves out that step and spread may already be above 0 there):
+Per layer (w_e = fingerprint of expert e now, w0_e = when the runner was attached — right after
+conversion when monitors are attached before training, the clones themselves; ||·|| the 2-norm):
   drift       mean_e ||w_e - w0_e|| / ||w0_e||: how far the experts moved from where they began.
   spread      mean over pairs e < f of ||w_e - w_f|| / ((||w_e|| + ||w_f||) / 2).
   spread_max  the same, maximum over pairs (0 while all experts are identical clones).
@@ -116,17 +115,25 @@ class ExpertHomogenization(Monitor):
         self._flagged: dict[str, bool] = {}
         self._last: dict[str, dict[str, float]] = {}
 
+    def attach(self, model: nn.Module, layer_names: list[str]) -> None:
+        """Snapshot the reference fingerprints: the experts as they are when monitoring starts."""
+        for name in layer_names:
+            self._start[name] = self._fingerprint(model, name).clone()
+
+    def _fingerprint(self, model: nn.Module, name: str) -> Tensor:
+        experts = model.get_submodule(name).experts
+        weights = expert_weights(experts)
+        if name not in self._indices:
+            idx = sample_indices([group_size(g) for g in weights], self.sample_size, self._generator)
+            device = next(experts.parameters()).device
+            self._indices[name] = [i.to(device) for i in idx]
+        return fingerprint(weights, self._indices[name])
+
     def _read(self, stats: StepStats) -> dict[str, list[float]]:
         """One fingerprint per layer, all layers' distances in one host copy."""
         names, rows = [], []
         for layer in stats.layers:
-            experts = stats.model.get_submodule(layer.name).experts
-            weights = expert_weights(experts)
-            if layer.name not in self._indices:
-                idx = sample_indices([group_size(g) for g in weights], self.sample_size, self._generator)
-                device = next(experts.parameters()).device
-                self._indices[layer.name] = [i.to(device) for i in idx]
-            now_EM = fingerprint(weights, self._indices[layer.name])
+            now_EM = self._fingerprint(stats.model, layer.name)
             start_EM = self._start.setdefault(layer.name, now_EM.clone())
             names.append(layer.name)
             rows.append(distances(now_EM, start_EM))

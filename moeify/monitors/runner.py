@@ -72,6 +72,8 @@ class MonitorRunner:
         for _, layer in self.layers:
             layer.reset_stats()
             layer.collect_stats = True
+        for monitor in self.monitors:
+            monitor.attach(model, [name for name, _ in self.layers])
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> MonitorRunner:
         """Run `step()` after every `optimizer.step()`."""
