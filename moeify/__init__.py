@@ -9,6 +9,8 @@ from moeify.architectures import FFNLayout, register_conditioning, register_ffn,
 from moeify.config import MoeifyConfig
 from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify
 from moeify.hub.export import ExportError, export
+from moeify.hub.load import from_pretrained
+from moeify.hub.save import save_pretrained
 from moeify.layers import MoeLayer, register_router
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
@@ -26,10 +28,12 @@ __all__ = [
     "aux_loss",
     "export",
     "find_ffns",
+    "from_pretrained",
     "moe_layers",
     "moeify",
     "register_conditioning",
     "register_ffn",
     "register_router",
     "register_skip",
+    "save_pretrained",
 ]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeify.layers.routers import router_kinds
+
 CONFIG_VERSION = 1
 
-ROUTER_KINDS = ("linear", "mlp", "cross_attention")
+ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_router` adds more
 # Training inits of the shared experts, applied after the identity check (Law 2).
 #   "noise":    every shared weight matrix ~ N(0, shared_noise_std), biases zero (the paper's choice).
 #               The output moves by O(std^2), and both projections start tiny, so their gradients
@@ -28,6 +31,15 @@ SHARED_INITS = ("noise", "zero_out")
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A real number, not a bool, not NaN or infinite (an infinite loss weight or std is no recipe)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_pattern_list(name: str, value: Any) -> str | tuple[str, ...] | None:
@@ -108,7 +120,7 @@ class MoeifyConfig:
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "num_shared_experts", "router_num_heads", "seed"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an int, got {value!r}")
+            _check(_is_int(value), f"{name} must be an int, got {value!r}")
         _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
         _check(
             1 <= self.top_k <= self.num_experts,
@@ -119,30 +131,32 @@ class MoeifyConfig:
             self.shared_expert_init in SHARED_INITS,
             f"shared_expert_init must be one of {SHARED_INITS}, got {self.shared_expert_init!r}",
         )
-        _check(self.router in ROUTER_KINDS, f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        # The registry, not ROUTER_KINDS: a kind added with `register_router` is a valid choice.
+        _check(self.router in router_kinds(), f"router must be one of {router_kinds()}, got {self.router!r}")
         _check(self.router_num_heads >= 1, f"router_num_heads must be >= 1, got {self.router_num_heads}")
         if self.router_hidden_size is not None:
             _check(
-                isinstance(self.router_hidden_size, int) and self.router_hidden_size >= 1,
+                _is_int(self.router_hidden_size) and self.router_hidden_size >= 1,
                 f"router_hidden_size must be a positive int or None, got {self.router_hidden_size!r}",
             )
         if self.conditioning_dim is not None:
             _check(
-                isinstance(self.conditioning_dim, int) and self.conditioning_dim >= 1,
+                _is_int(self.conditioning_dim) and self.conditioning_dim >= 1,
                 f"conditioning_dim must be a positive int or None, got {self.conditioning_dim!r}",
             )
         for name in ("shared_noise_std", "router_init_std", "router_temperature", "verify_tolerance"):
             value = getattr(self, name)
             _check(
-                isinstance(value, (int, float)) and value > 0 and value == value,
-                f"{name} must be a positive number, got {value!r}",
+                _is_finite(value) and value > 0,
+                f"{name} must be a positive finite number, got {value!r}",
             )
         for name in ("balance_loss_weight", "z_loss_weight", "entropy_loss_weight"):
             value = getattr(self, name)
             _check(
-                isinstance(value, (int, float)) and value >= 0 and value == value,
-                f"{name} must be a number >= 0, got {value!r}",
+                _is_finite(value) and value >= 0,
+                f"{name} must be a finite number >= 0, got {value!r}",
             )
+        _check(isinstance(self.verify, bool), f"verify must be True or False, got {self.verify!r}")
         object.__setattr__(self, "target_modules", _as_pattern_list("target_modules", self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_pattern_list("exclude_modules", self.exclude_modules))
         if self.layers is not None:
@@ -154,10 +168,11 @@ class MoeifyConfig:
                 f"layers must be None (all) or a non-empty list of block indices >= 0, got {self.layers!r}",
             )
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        _check(_is_int(self.version) and self.version >= 1, f"version must be an int >= 1, got {self.version!r}")
         _check(
-            self.version == CONFIG_VERSION,
-            f"this moeify understands config version {CONFIG_VERSION}, got {self.version}; "
-            "upgrade moeify (pip install -U moeify) to read newer configs",
+            self.version <= CONFIG_VERSION,
+            f"this config has version {self.version}, written by a newer moeify; this moeify reads versions "
+            f"up to {CONFIG_VERSION}: upgrade it (pip install -U moeify)",
         )
 
     def replace(self, **overrides: Any) -> MoeifyConfig:

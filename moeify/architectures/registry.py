@@ -70,7 +70,9 @@ def conditioning_for(model: nn.Module) -> Conditioning | None:
 # ---------------------------------------------------------------------------------------------
 # Classification of one module
 
-_MOE_NAME = re.compile(r"moe|mixtureofexperts|sparse.*block|switch.*(mlp|ff)", re.IGNORECASE)
+# Anchored at the end: the MoE *block* (MixtralSparseMoeBlock, DeepseekV3MoE), not every class of
+# a MoE model (Qwen2MoeModel, Qwen2MoeDecoderLayer, the dense Qwen2MoeMLP of `mlp_only_layers`).
+_MOE_NAME = re.compile(r"(moe|mixtureofexperts|sparse\w*block|switch\w*(mlp|ff))$", re.IGNORECASE)
 
 # The probe: projection names seen across the ecosystem, as (gate, up, down) for gated FFNs,
 # (gate_up, down) for fused gated, (in, out) for plain MLPs.

@@ -40,12 +40,31 @@ class MoeLayer(nn.Module):
         self.loss_weights = {"balance": balance_loss_weight, "z_loss": z_loss_weight, "entropy": entropy_loss_weight}
         # Routing counts build up on the device across forwards and are read (and reset) by the
         # monitors once per optimizer step: no host sync here. int64: bf16 counts miscount above 256.
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        # On the experts' device (a model converted on the GPU counts on the GPU); on CPU for a meta
+        # model: these buffers are never in a checkpoint, so loading must find them real.
+        device = next(experts.parameters()).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.int64, device=device), persistent=False
+        )
         # Further statistics (moeify.layers.stats) only while monitors are attached.
         self.collect_stats = False
-        self.register_buffer("stat_sums", torch.zeros(len(stats.STATS)), persistent=False)
-        self.register_buffer("stat_prob_sum", torch.zeros(self.num_experts), persistent=False)
+        self.register_buffer("stat_sums", torch.zeros(len(stats.STATS), device=device), persistent=False)
+        self.register_buffer("stat_prob_sum", torch.zeros(self.num_experts, device=device), persistent=False)
         self.last_losses: dict[str, Tensor] = {}
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+        # The statistics stay fp32 across `.to(torch.bfloat16)` / `.half()`, as the routers do
+        # (Fp32Module): bf16 sums lose their tail after a few hundred tokens (issue 4).
+        fp32_buffers = {id(self.stat_sums), id(self.stat_prob_sum)}
+
+        def keep_stats_fp32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if id(t) in fp32_buffers and out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_stats_fp32, recurse)
 
     def extra_repr(self) -> str:
         shared = self.shared_experts.num_experts if self.shared_experts is not None else 0

@@ -12,7 +12,7 @@ from moeify.architectures import conditioning_for
 from moeify.architectures.layouts import get
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
-from moeify.surgery.find import FFNReport, FFNSite, find_ffns
+from moeify.surgery.find import FFNReport, FFNSite, _matches, find_ffns
 
 
 class ConversionError(ValueError):
@@ -127,7 +127,12 @@ def plan_conversion(model: nn.Module, config: MoeifyConfig) -> ConversionPlan:
         raise ConversionError("this module is already a moeify MoE layer; converting it again is refused")
     report = find_ffns(model, config)
     if config.target_modules is not None:
-        hit = [s.name for s in report.skipped if s.reason == "already converted by moeify"]
+        # Name a converted layer the user targeted, not merely the first converted one.
+        hit = [
+            s.name
+            for s in report.skipped
+            if s.reason == "already converted by moeify" and _matches(config.target_modules, (s.name,))
+        ]
         targeted = [n for n in hit if not any(n.startswith(s.name + ".") for s in report.sites)]
         if targeted and not report.sites:
             raise ConversionError(f"{targeted[0]} is already converted by moeify; converting it again is refused")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moeify.layers.experts import ModuleExperts
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import ConditioningContext
 from moeify.surgery.plan import ConversionError
@@ -86,12 +87,29 @@ def check_layer(
     error = relative_error(out, ref)
     allowed = tolerance_for(dtype, tolerance)
     if not error <= allowed:
+        _check_zeroed_shared(name, layer, x)
         raise ConversionError(
             f"{name}: the converted layer does not reproduce the dense FFN: max |moe - dense| is {error:.3g} of "
             f"the output scale (allowed {allowed:.1g}). Its layout was read wrongly; report this with the "
             "module's class, or leave it out with exclude_modules."
         )
     return error
+
+
+def _check_zeroed_shared(name: str, layer: MoeLayer, x: Tensor) -> None:
+    """Generic shared experts start as copies of the module with every parameter zero (Law 2); a
+    module with a residual or a constant inside still outputs something then. Say so, rather than
+    blame a layout the generic path does not have."""
+    if not isinstance(layer.shared_experts, ModuleExperts):
+        return
+    with eval_mode(layer):
+        leak = float(layer.shared_experts.forward_all(x).detach().abs().max())
+    if leak > 0:
+        raise ConversionError(
+            f"{name}: its shared experts start as copies of the module with every parameter zero, but such a "
+            f"copy still outputs up to {leak:.3g} (a residual or a constant inside the module?), so the "
+            "converted layer cannot start equal to the dense one. Pass num_shared_experts=0."
+        )
 
 
 def _outputs(result: Any) -> list[Tensor]:

@@ -20,7 +20,11 @@ class Fp32Module(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         def keep_fp32(t: Tensor) -> Tensor:
             out = fn(t)
-            return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+            if not out.is_floating_point() or out.dtype == torch.float32:
+                return out
+            # `fn` cast to a lower precision: take only its move, from the exact original values
+            # (`out.float()` would keep bf16-rounded router weights; issue 4).
+            return t.to(device=out.device, dtype=torch.float32)
 
         return super()._apply(keep_fp32, recurse)
 

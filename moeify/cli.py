@@ -1,0 +1,357 @@
+"""The `moeify` command.
+
+    moeify inspect PATH [recipe options] [--json]   the dry run: sites, layouts, sizes, skipped
+                                                     sites with reasons, parameter counts after
+    moeify convert PATH OUT [recipe options]         load, convert (each layer checked), save
+    moeify export SRC OUT --format FORMAT            a moeify checkpoint as a native transformers MoE
+
+PATH is a local transformers or diffusers model directory (told apart by its config.json:
+transformers writes `model_type`, diffusers `_class_name`) or, for inspect, a moeify checkpoint.
+Recipe options: --experts N --top-k K --shared N --router KIND --layers 0,1,... --seed S.
+Errors are one line on stderr; the exit code is 2 for bad usage, 1 for anything else that failed
+(MOEIFY_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from moeify.config import ROUTER_KINDS, MoeifyConfig
+
+EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line."""
+
+
+class UsageError(CliError):
+    """Bad command-line usage (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the whole usage; one line instead
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"--layers takes block indices like 0,1,5, got {text!r}")
+    return layers
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    defaults = MoeifyConfig()
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--experts", type=int, default=defaults.num_experts, help="routed experts per FFN")
+    group.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token")
+    group.add_argument("--shared", type=int, default=defaults.num_shared_experts, help="shared experts per FFN")
+    group.add_argument("--router", choices=ROUTER_KINDS, default=defaults.router)
+    group.add_argument(
+        "--layers", type=_layers, default=None, help="block indices to convert, e.g. 0,1,5 (default: all)"
+    )
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed of the routers and shared experts")
+
+
+def _recipe(args: argparse.Namespace) -> MoeifyConfig:
+    try:
+        return MoeifyConfig(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            num_shared_experts=args.shared,
+            router=args.router,
+            layers=args.layers,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def detect(path: Path) -> tuple[str, str | None]:
+    """(library, class name) of a checkpoint directory: "moeify", "transformers" or "diffusers"."""
+    from moeify.hub.save import MOEIFY_CONFIG
+
+    if not path.exists():
+        raise CliError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CliError(f"{path} is a file: give the model directory (the one holding config.json)")
+    if (path / MOEIFY_CONFIG).is_file():
+        return "moeify", None
+    if (path / "model_index.json").is_file():
+        raise CliError(f"{path} is a diffusers pipeline: give one of its model folders, e.g. {path / 'transformer'}")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CliError(f"{path} has no config.json: not a transformers or diffusers model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CliError(f"{config_path} is not valid JSON: {error}") from None
+    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+        return "diffusers", config["_class_name"]
+    if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+        architectures = config.get("architectures") or [None]
+        return "transformers", architectures[0]
+    raise CliError(f"{config_path} has neither `model_type` (transformers) nor `_class_name` (diffusers)")
+
+
+def _model_class(library: str, class_name: str | None) -> type:
+    module = __import__(library)
+    cls = getattr(module, class_name, None) if class_name else None
+    if library == "transformers" and cls is None:
+        return module.AutoModel  # no (known) `architectures`: the base model
+    if cls is None:
+        raise CliError(f"diffusers {module.__version__} has no model class {class_name}")
+    return cls
+
+
+def _require_safetensors(path: Path) -> None:
+    if not any(path.glob("*.safetensors")):
+        raise CliError(
+            f"{path} has no .safetensors weights; moeify never unpickles (.bin/.pt can run code): "
+            "convert the checkpoint to safetensors first"
+        )
+
+
+def load_dense(path: Path, library: str, class_name: str | None, *, empty: bool) -> nn.Module:
+    """The dense model of a checkpoint directory; `empty`: built from its config on the meta
+    device (no weights read), enough for a dry run."""
+    from accelerate import init_empty_weights
+
+    cls = _model_class(library, class_name)
+    if library == "transformers":
+        if empty:
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(path)
+            with init_empty_weights():
+                return cls.from_config(config) if hasattr(cls, "_model_mapping") else cls._from_config(config)
+        _require_safetensors(path)
+        return cls.from_pretrained(path, use_safetensors=True)
+    if empty:
+        with init_empty_weights():
+            return cls.from_config(cls.load_config(path))
+    _require_safetensors(path)
+    return cls.from_pretrained(path, use_safetensors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token): a token runs top_k of the E routed experts of each MoE layer."""
+    from moeify.convert import moe_layers
+
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for _, layer in moe_layers(model):
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        idle += routed - routed * layer.top_k // layer.num_experts
+    return total, total - idle
+
+
+def human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def _site_lines(report) -> list[str]:  # noqa: ANN001 - an FFNReport
+    lines = [f"{len(report.sites)} FFN site(s) to convert, {len(report.skipped)} skipped"]
+    for s in report.sites:
+        kind = s.layout.kind if s.layout is not None else "generic"
+        sizes = (
+            f"{s.in_features}->{s.intermediate_size}->{s.out_features}" if s.in_features else "sizes read at conversion"
+        )
+        where = f", MoE at {s.install_path}" if s.install_path != s.name else ""
+        lines.append(f"  + {s.name} [{s.class_name}] {kind} ({s.source}) {sizes}{where}")
+    lines += [f"  - {s.name} [{s.class_name}]: {s.reason}" for s in report.skipped]
+    return lines
+
+
+def _describe(config: MoeifyConfig) -> str:
+    layers = "all layers" if config.layers is None else f"layers {','.join(map(str, config.layers))}"
+    return (
+        f"{config.num_experts} experts, top-{config.top_k}, {config.num_shared_experts} shared, "
+        f"{config.router} router, {layers}, seed {config.seed}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _inspect_moeify(path: Path) -> tuple[nn.Module, list[MoeifyConfig], int | None]:
+    from moeify.hub.load import build_base, read_record, reapply
+
+    record = read_record(path)
+    model = build_base(path, record, None)
+    return model, reapply(model, record), None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from moeify.convert import moeify
+    from moeify.surgery import ConversionError
+
+    path = Path(args.path)
+    config = _recipe(args)
+    library, class_name = detect(path)
+    if library == "moeify":
+        model, recipes, dense = _inspect_moeify(path)
+        header = f"{path}: moeify checkpoint of {type(model).__name__}, {len(recipes)} conversion(s)"
+    else:
+        model = load_dense(path, library, class_name, empty=True)
+        dense, _ = parameter_counts(model)
+        try:
+            moeify(model, config.replace(verify=False))  # on the meta device: sizes only
+        except ConversionError as error:
+            raise CliError(str(error)) from None
+        recipes = [config]
+        header = f"{path}: {library} {type(model).__name__}"
+    total, active = parameter_counts(model)
+    report = model.moeify_state.report
+    if args.json:
+        data = {
+            "path": str(path),
+            "library": library,
+            "class_name": type(model).__name__,
+            "recipes": [r.to_dict() for r in recipes],
+            **report.as_dict(),
+            "parameters": {"dense": dense, "total": total, "active_per_token": active},
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    print(header)
+    print("recipe: " + "; then ".join(_describe(r) for r in recipes))
+    print("\n".join(_site_lines(report)))
+    before = f"dense {human(dense)} -> " if dense is not None else ""
+    print(f"parameters: {before}{human(total)} total, {human(active)} active per token (embeddings included)")
+    return 0
+
+
+def _step(message: str) -> float:
+    print(message, flush=True)
+    return time.perf_counter()
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moeify.convert import moeify
+    from moeify.hub.save import save_pretrained
+
+    path, out = Path(args.path), Path(args.out)
+    config = _recipe(args)
+    library, class_name = detect(path)
+    if library == "moeify":
+        raise CliError(f"{path} is already a moeify checkpoint; convert the dense model it came from")
+    if out.resolve() == path.resolve():
+        raise CliError("OUT must differ from PATH: the dense checkpoint is kept")
+    started = _step(f"loading {path} ({library} {class_name or 'AutoModel'}) ...")
+    model = load_dense(path, library, class_name, empty=False)
+    dense, _ = parameter_counts(model)
+    step = _step(
+        f"loaded {human(dense)} parameters in {time.perf_counter() - started:.1f}s; converting: {_describe(config)} ..."
+    )
+    moeify(model, config)
+    report = model.moeify_state.report
+    total, active = parameter_counts(model)
+    step = _step(
+        f"converted {len(report.sites)} FFN site(s) ({len(report.skipped)} skipped), each checked against its dense "
+        f"FFN, in {time.perf_counter() - step:.1f}s: {human(total)} parameters, {human(active)} active per token; "
+        f"saving to {out} ..."
+    )
+    save_pretrained(model, out, max_shard_size=args.max_shard_size)
+    print(f"saved in {time.perf_counter() - step:.1f}s; load it with moeify.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moeify.hub.load import from_pretrained
+
+    started = _step(f"loading {args.src} ...")
+    model = from_pretrained(args.src)
+    step = _step(f"loaded in {time.perf_counter() - started:.1f}s; exporting as {args.format} to {args.out} ...")
+    from moeify.hub.export import export  # lazily: the export module is optional to the rest of the CLI
+
+    options = {"overwrite": True} if args.overwrite else {}
+    export(model, args.out, format=args.format, **options)
+    print(
+        f"exported in {time.perf_counter() - step:.1f}s; it loads with transformers.AutoModelForCausalLM.from_pretrained"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moeify", description="Turn dense transformers / diffusers models into sparse MoE models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser(
+        "inspect", help="dry run: the FFN sites a conversion would touch, and the sizes after"
+    )
+    inspect.add_argument("path", help="a transformers / diffusers model directory, or a moeify checkpoint")
+    _add_recipe(inspect)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=cmd_inspect)
+
+    convert = commands.add_parser("convert", help="load a dense checkpoint, convert it, check it, save it")
+    convert.add_argument("path", help="a transformers / diffusers model directory (safetensors weights)")
+    convert.add_argument("out", help="the directory to write (moeify.from_pretrained reads it)")
+    _add_recipe(convert)
+    convert.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
+    convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser("export", help="write a moeify checkpoint as a native transformers MoE checkpoint")
+    export.add_argument("src", help="a moeify checkpoint directory or Hub repo id")
+    export.add_argument("out", help="the directory to write")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the native MoE family")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, (CliError, ValueError, OSError)) else f"{type(error).__name__}: {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    command = "moeify"
+    try:
+        args = parser.parse_args(argv)
+        command = f"moeify {args.command}"
+        return args.run(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except BrokenPipeError:  # `moeify inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("MOEIFY_DEBUG"):
+            raise
+        print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""`moeify.from_pretrained(directory_or_repo_id)`: rebuild, re-convert, then load strictly.
+
+The peft pattern (NOTES.md, "transformers v5"): the dense base model is rebuilt from its saved
+config with its parameters on the meta device (`accelerate.init_empty_weights`, which keeps
+buffers such as rotary `inv_freq` real), the conversion recipes are re-applied with
+`verify=False` (conversion is deterministic given the recipe), and the weights are assigned
+strictly: every key of the files must be a key of the rebuilt model and the other way round, or
+nothing is read and the error names the keys. Only safetensors files are ever opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moeify.config import MoeifyConfig
+from moeify.convert import moe_layers, moeify
+from moeify.hub.save import FORMAT_VERSION, GENERATION_CONFIG, MOEIFY_CONFIG
+from moeify.surgery import ConversionError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_SHOWN = 10  # key names listed in an error
+
+
+class CheckpointError(ValueError):
+    """A directory cannot be loaded as a moeify checkpoint; the message says why and what to do."""
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def _refuse_pickle(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not any(directory.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({_names(pickles)}); moeify reads safetensors only and never "
+            "unpickles (loading a pickle can run arbitrary code). Load the dense model with its library, convert "
+            "it with moeify(...), and save it with moeify.save_pretrained"
+        )
+
+
+def resolve(directory_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: Any = None) -> Path:
+    """A local directory as is; anything else is taken as a Hub repo id and its JSON and
+    safetensors files (nothing else) are downloaded."""
+    path = Path(directory_or_repo_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file; moeify.from_pretrained reads the directory moeify.save_pretrained wrote"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = str(directory_or_repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise CheckpointError(f"{repo_id}: no such directory (and not a Hub repo id)") from None
+    try:
+        local = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as error:
+        raise CheckpointError(
+            f"{repo_id} is not a local directory, and downloading it from the Hub failed: {type(error).__name__}: {error}"
+        ) from error
+    return Path(local)
+
+
+def read_record(directory: Path) -> dict[str, Any]:
+    """The parsed moeify_config.json of a directory, checked."""
+    path = directory / MOEIFY_CONFIG
+    if not path.is_file():
+        _refuse_pickle(directory)
+        hint = (
+            f"; to convert a dense checkpoint run `moeify convert {directory} OUT`, or load it with its library "
+            "and call moeify(model, ...)"
+            if (directory / "config.json").is_file()
+            else ""
+        )
+        raise CheckpointError(f"{directory} is not a moeify checkpoint: it has no {MOEIFY_CONFIG}{hint}")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != "moeify":
+        raise CheckpointError(f'{path} is not a moeify checkpoint record (no "format": "moeify")')
+    version = record.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by moeify {record.get('moeify_version')} in format {version}; this moeify reads "
+            f"format {FORMAT_VERSION} and older: pip install -U moeify"
+        )
+    return record
+
+
+def weight_files(directory: Path, record: dict[str, Any]) -> list[Path]:
+    """The safetensors files of the checkpoint (the shards of its index, or its one file)."""
+    name = record.get("weights")
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise CheckpointError(f"{directory / MOEIFY_CONFIG}: weights={name!r} is not a safetensors file or index")
+    path = directory / name
+    if not path.is_file():
+        _refuse_pickle(directory)
+        raise CheckpointError(f"{directory}: the weights file {name} named in {MOEIFY_CONFIG} is missing")
+    if not name.endswith(".index.json"):
+        return [path]
+    try:
+        names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not a safetensors index ({type(error).__name__}: {error})") from None
+    files = []
+    for shard in names:
+        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{path} names {shard!r}: shards must be .safetensors files beside the index")
+        if not (directory / shard).is_file():
+            raise CheckpointError(f"{directory}: the shard {shard} listed in {name} is missing")
+        files.append(directory / shard)
+    return files
+
+
+def _build_transformers(directory: Path, base: dict[str, Any]) -> nn.Module:
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    data = json.loads((directory / base["config_file"]).read_text())
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} does not know model type {model_type!r} of this checkpoint's "
+            "base model: upgrade transformers, or pass base_model= (the dense model, on the meta device if you like)"
+        )
+    config = CONFIG_MAPPING[model_type].from_dict(data)
+    cls = getattr(transformers, base["class_name"], None)
+    build = cls._from_config if cls is not None else getattr(transformers, str(base.get("auto_class")), None)
+    if build is None:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} has no class {base['class_name']}: pass base_model="
+        )
+    if cls is None:
+        build = build.from_config
+    kwargs = {"attn_implementation": base["attn_implementation"]} if base.get("attn_implementation") else {}
+    with init_empty_weights():
+        model = build(config, **kwargs)
+    if (directory / GENERATION_CONFIG).is_file() and getattr(model, "generation_config", None) is not None:
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def _build_diffusers(directory: Path, base: dict[str, Any]) -> nn.Module:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, base["class_name"], None)
+    if cls is None:
+        raise CheckpointError(f"diffusers {diffusers.__version__} has no class {base['class_name']}: pass base_model=")
+    config = json.loads((directory / base["config_file"]).read_text())
+    with init_empty_weights():
+        return cls.from_config(config)
+
+
+def build_base(directory: Path, record: dict[str, Any], base_model: nn.Module | None) -> nn.Module:
+    """The dense skeleton the recipes are re-applied to."""
+    base = record.get("base") or {}
+    if base_model is not None:
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be a torch.nn.Module, got {type(base_model).__name__}")
+        if moe_layers(base_model):
+            raise CheckpointError(
+                "base_model is already converted by moeify; pass the dense model (the recipe is re-applied to it)"
+            )
+        return base_model
+    library = base.get("library")
+    if library == "transformers":
+        return _build_transformers(directory, base)
+    if library == "diffusers":
+        return _build_diffusers(directory, base)
+    name = f"{base.get('module')}.{base.get('class_name')}"
+    raise CheckpointError(
+        f"{directory} was saved from a plain torch module ({name}), which moeify cannot rebuild from a config: "
+        f"pass base_model= a dense instance of it (its parameters may be on the meta device, e.g. built under "
+        "accelerate.init_empty_weights())"
+    )
+
+
+def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
+    configs = [MoeifyConfig.from_dict(data) for data in record.get("conversions") or []]
+    if not configs:
+        raise CheckpointError(f"{MOEIFY_CONFIG} lists no conversion")
+    for config in configs:
+        try:
+            moeify(model, config.replace(verify=False))
+        except ConversionError as error:
+            raise CheckpointError(
+                f"the saved recipe does not apply to the rebuilt {type(model).__name__} (is it the base model this "
+                f"checkpoint was converted from?): {error}"
+            ) from error
+    model.moeify_state.conversions = configs  # the recipes as saved (verify included)
+    return configs
+
+
+def check_keys(model: nn.Module, files: list[Path], tied: dict[str, str]) -> None:
+    """Compare the keys of the files with the model's before reading any tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes.update((key, handle.get_slice(key).get_shape()) for key in handle.keys())
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    present = set(shapes)
+    model_state = model.state_dict()
+    expected = set(model_state)
+    missing = sorted(expected - present - set(tied))
+    unexpected = sorted((present | set(tied)) - expected)
+    untied = sorted(name for name, source in tied.items() if source not in present)
+    resized = [
+        f"{key} {list(shapes[key])} (model {list(model_state[key].shape)})"
+        for key in sorted(expected & present)
+        if list(shapes[key]) != list(model_state[key].shape)
+    ]
+    problems = [f"{len(resized)} key(s) of another shape: {_names(resized)}"] if resized else []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
+    if untied:
+        problems.append(f"tied key(s) whose source is absent: {_names(untied)}")
+    if problems:
+        raise CheckpointError(
+            f"the weights in {files[0].parent} do not match the model rebuilt from {MOEIFY_CONFIG}: "
+            + "; ".join(problems)
+            + ". Nothing was loaded."
+        )
+
+
+_ALIGN = 64  # bytes: what torch's CPU allocator gives; kernels (and their rounding) depend on it
+
+
+def read_tensors(path: Path, device: torch.device | str) -> dict[str, Tensor]:
+    """The tensors of one safetensors file. On CPU, safetensors hands out tensors 8-byte aligned
+    inside its read buffer; matmul kernels then take other code paths and round differently (and
+    grouped_mm wants 16 bytes): such tensors get an allocation of their own."""
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGN:
+                tensor = tensor.clone()
+            tensors[key] = tensor
+    return tensors
+
+
+def load_weights(model: nn.Module, files: list[Path], tied: dict[str, str], device: torch.device | str) -> None:
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state.update(read_tensors(path, device))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, source in tied.items():
+        # One Parameter object under both names: assign=True then re-ties them.
+        if source in params and not isinstance(state[source], nn.Parameter):
+            state[source] = nn.Parameter(state[source], requires_grad=params[source].requires_grad)
+        state[name] = state[source]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"the weights in {files[0].parent} do not fit the rebuilt model: {error}") from None
+
+
+def restore_buffers(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Non-persistent buffers are rebuilt, not loaded: give them back the dtypes they had."""
+    for name, dtype_name in dtypes.items():
+        prefix, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue  # a buffer this version of the library no longer has
+        buffer = module._buffers.get(attr)
+        dtype = getattr(torch, dtype_name, None)
+        if buffer is not None and isinstance(dtype, torch.dtype) and buffer.dtype != dtype:
+            module._buffers[attr] = buffer.to(dtype)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    meta = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        raise CheckpointError(
+            f"after loading, {len(meta)} tensor(s) are still on the meta device: {_names(meta)}. These are "
+            "buffers the checkpoint does not hold (non-persistent): build base_model under "
+            "accelerate.init_empty_weights() (which keeps buffers real), not torch.device('meta')"
+        )
+
+
+def from_pretrained(
+    directory_or_repo_id: str | os.PathLike,
+    base_model: nn.Module | None = None,
+    *,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    token: Any = None,
+) -> nn.Module:
+    """Load a model saved by `moeify.save_pretrained`, from a directory or a Hub repo id.
+
+    The base model is rebuilt from its saved config on the meta device (no memory is paid twice),
+    or `base_model` (the dense model, converted in place and returned; needed for plain
+    nn.Modules, and its parameters may be on the meta device) is used; the conversion
+    recipes are re-applied and the weights loaded strictly (`CheckpointError`, a ValueError,
+    names any missing or unexpected key). Returns the model in eval mode, its outputs
+    bit-identical to the saved model's; weights keep their saved dtypes, on `device` (CPU by default).
+    """
+    directory = resolve(directory_or_repo_id, revision=revision, token=token)
+    record = read_record(directory)
+    files = weight_files(directory, record)
+    model = build_base(directory, record, base_model)
+    reapply(model, record)
+    tied = record.get("tied") or {}
+    check_keys(model, files, tied)
+    load_weights(model, files, tied, device if device is not None else "cpu")
+    restore_buffers(model, record.get("buffer_dtypes") or {})
+    _check_materialised(model)
+    if device is not None:
+        model.to(device)  # the non-persistent buffers; the weights are there already
+    return model.eval()
+
+
+__all__ = ["CheckpointError", "from_pretrained"]

@@ -1,0 +1,222 @@
+"""`moeify.save_pretrained(model, directory)`: a converted model as a self-contained directory.
+
+The peft pattern: the directory holds the recipe and the weights, and `moeify.from_pretrained`
+rebuilds the dense base model from its config, re-applies the recipe, then loads the weights
+strictly. What a moeify directory holds:
+
+  moeify_config.json        written last (its presence means the save completed): format version,
+                            moeify version, the conversion recipes in order, the base model's
+                            library / class / config file, tied tensors, dtypes of buffers
+  base_config.json          the base model's own config, as its library writes it (transformers,
+                            diffusers); generation_config.json too for a transformers model with one
+  moeify_model.safetensors  the weights, safetensors only; above `max_shard_size`:
+                            moeify_model-0000i-of-0000n.safetensors + moeify_model.safetensors.index.json
+  config.json               a guard for plain loaders (see `GUARD_NAME`)
+
+Plain `AutoModel.from_pretrained(directory)` must not build a dense model with random FFNs from
+these files (NOTES.md, "transformers v5"). The weights are not named `model.safetensors` /
+`diffusion_pytorch_model.safetensors`, so no plain loader finds them, and config.json's
+`model_type` (transformers) and `_class_name` (diffusers' AutoModel) are a name no library knows,
+which their "does not recognize this architecture" errors quote: it says what to use instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+MOEIFY_CONFIG = "moeify_config.json"
+BASE_CONFIG = "base_config.json"
+GENERATION_CONFIG = "generation_config.json"
+GUARD_CONFIG = "config.json"
+WEIGHTS_PATTERN = "moeify_model{suffix}.safetensors"
+WEIGHTS = WEIGHTS_PATTERN.format(suffix="")
+WEIGHTS_INDEX = WEIGHTS + ".index.json"
+# Quoted by transformers ("has model type `...` but Transformers does not recognize this
+# architecture") and by diffusers' AutoModel ("`diffusers` has no class `...`").
+GUARD_NAME = "moeify (a moeify checkpoint: load it with moeify.from_pretrained)"
+
+
+def library_of(model: nn.Module) -> str:
+    """The library that built the model: "transformers", "diffusers" or "torch" (a library not
+    imported yet cannot have built it, so none is imported here)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        return "transformers"
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is not None and isinstance(model, diffusers.ModelMixin):
+        return "diffusers"
+    return "torch"
+
+
+def _auto_class(model: nn.Module) -> str | None:
+    """The transformers Auto class whose `from_config` builds this model's class (None if none does)."""
+    import transformers
+
+    preferred = ["AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM"]
+    others = sorted(n for n in dir(transformers) if n.startswith("AutoModelFor") and n not in preferred)
+    for name in preferred + others:
+        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
+        try:
+            if mapping is not None and mapping[type(model.config)] is type(model):
+                return name
+        except (KeyError, ValueError, TypeError, AttributeError, ImportError):
+            continue
+    return None
+
+
+def _base_description(model: nn.Module) -> dict[str, Any]:
+    library = library_of(model)
+    cls = type(model)
+    base: dict[str, Any] = {"library": library, "class_name": cls.__name__, "module": cls.__module__}
+    if library == "transformers":
+        base["model_type"] = model.config.model_type
+        base["auto_class"] = _auto_class(model)
+        # Not part of the serialised config, and eager vs sdpa attention round differently.
+        base["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    if library in ("transformers", "diffusers"):
+        base["config_file"] = BASE_CONFIG
+    return base
+
+
+def _write_base_configs(model: nn.Module, directory: Path, library: str) -> None:
+    if library == "transformers":
+        (directory / BASE_CONFIG).write_text(model.config.to_json_string())
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(directory)
+    elif library == "diffusers":
+        (directory / BASE_CONFIG).write_text(model.to_json_string())
+
+
+def split_shared(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share storage. Names of the same tensor (a tied lm_head)
+    are stored once, with `tied` = {dropped name: stored name} to re-tie them on load; distinct
+    tensors over one storage (overlapping views) are each stored as their own copy."""
+    kept: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: dict[tuple, list[str]] = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_meta:
+            raise ValueError(
+                f"moeify.save_pretrained: {name} is on the meta device (no values); load the weights first"
+            )
+        if tensor.numel() == 0:  # empty tensors all share data_ptr 0
+            kept[name] = tensor
+            continue
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if view in views:
+            tied[name] = views[view]
+            continue
+        views[view] = name
+        storages.setdefault(storage, []).append(name)
+        kept[name] = tensor
+    for names in storages.values():
+        for name in names[1:]:
+            kept[name] = kept[name].clone()
+    return kept, tied
+
+
+def buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Dtypes of the floating-point non-persistent buffers (rotary `inv_freq`, routing statistics):
+    not saved but rebuilt on load, then cast back (`model.to(bf16)` casts them too)."""
+    dtypes = {}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                dtypes[f"{prefix}.{name}" if prefix else name] = str(buffer.dtype).removeprefix("torch.")
+    return dtypes
+
+
+def _is_guard(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("model_type") == GUARD_NAME
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (their state dict
+    keys carry a prefix that the rebuilt model does not have)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"moeify.save_pretrained: {directory} exists and is not a directory")
+    guard = directory / GUARD_CONFIG
+    if guard.is_file() and not _is_guard(guard):
+        # Do not overwrite someone's dense checkpoint (its config.json) with the guard.
+        raise ValueError(
+            f"moeify.save_pretrained: {directory} already holds a checkpoint that is not moeify's "
+            f"({GUARD_CONFIG}); save to a new directory"
+        )
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+    """Save a moeify-converted model to `directory` (created if needed); returns its path.
+
+    Writes the conversion recipes (`moeify_config.json`), the base model's own config for
+    transformers / diffusers models, and the weights as safetensors, sharded with an index above
+    `max_shard_size` (bytes, or a string such as "5GB"). Reload with `moeify.from_pretrained`.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    from moeify import __version__
+
+    model = unwrap(model)
+    state = getattr(model, "moeify_state", None)
+    if state is None or not state.conversions:
+        raise ValueError(
+            f"moeify.save_pretrained saves moeify-converted models, and this {type(model).__name__} was not "
+            "converted (no model.moeify_state): call moeify(model, ...) first, or save it with its own library"
+        )
+    directory = Path(directory)
+    _check_directory(directory)
+    tensors, tied = split_shared(model.state_dict())
+    directory.mkdir(parents=True, exist_ok=True)
+    # The recipe goes last: a directory without it is an unfinished save, never loaded.
+    (directory / MOEIFY_CONFIG).unlink(missing_ok=True)
+    library = library_of(model)
+    guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": FORMAT_VERSION}}
+    (directory / GUARD_CONFIG).write_text(json.dumps(guard, indent=2) + "\n")
+    _write_base_configs(model, directory, library)
+    save_torch_state_dict(
+        tensors,
+        directory,
+        filename_pattern=WEIGHTS_PATTERN,
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt", "moeify_version": __version__},
+    )
+    # save_torch_state_dict removed the shards of an earlier save under the same pattern.
+    sharded = (directory / WEIGHTS_INDEX).is_file()
+    record = {
+        "format": "moeify",
+        "format_version": FORMAT_VERSION,
+        "moeify_version": __version__,
+        "conversions": [config.to_dict() for config in state.conversions],
+        "base": _base_description(model),
+        "weights": WEIGHTS_INDEX if sharded else WEIGHTS,
+        "tied": tied,
+        "buffer_dtypes": buffer_dtypes(model),
+    }
+    (directory / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+__all__ = ["FORMAT_VERSION", "GUARD_NAME", "MOEIFY_CONFIG", "save_pretrained"]
