@@ -12,6 +12,7 @@ from moeify.hub.export import ExportError, export
 from moeify.hub.load import from_pretrained
 from moeify.hub.save import save_pretrained
 from moeify.layers import MoeLayer, register_router
+from moeify.precision import check_bf16, guard_bf16
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
 __version__ = "0.1.0"
@@ -26,9 +27,11 @@ __all__ = [
     "MoeifyState",
     "__version__",
     "aux_loss",
+    "check_bf16",
     "export",
     "find_ffns",
     "from_pretrained",
+    "guard_bf16",
     "moe_layers",
     "moeify",
     "register_conditioning",

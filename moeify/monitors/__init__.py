@@ -9,6 +9,7 @@ from moeify.monitors import (  # noqa: F401 - registration
     entropy,
     homogenization,
     load,
+    lost_updates,
     maturity,
 )
 from moeify.monitors.base import LayerStats, Monitor, StepStats, event, monitor_names, register_monitor
@@ -19,6 +20,7 @@ from moeify.monitors.ecology import Ecology, ecology_number
 from moeify.monitors.entropy import RouterEntropy
 from moeify.monitors.homogenization import ExpertHomogenization
 from moeify.monitors.load import ExpertLoad
+from moeify.monitors.lost_updates import LostUpdates
 from moeify.monitors.maturity import SharedMaturity
 from moeify.monitors.runner import MonitorRunner, Sink, attach_monitors, gather
 
@@ -30,6 +32,7 @@ __all__ = [
     "ExpertLoad",
     "ImbalanceEarlyWarning",
     "LayerStats",
+    "LostUpdates",
     "Monitor",
     "MonitorRunner",
     "RouterEntropy",
