@@ -1,0 +1,38 @@
+# moeify: `make demo` and `make test` work on a fresh machine (they create .venv first).
+# torch is installed on its own, pinned to the 2.13.0 CPU build, and only when the venv has none:
+# an unpinned `torch` may pull a multi-GB CUDA build. pyproject.toml keeps the range torch>=2.4.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+# Re-installs only when pyproject.toml changes (or after `make distclean`).
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# make demo ARGS="--steps 20 --experts 4"
+demo: venv
+	$(PY) examples/upcycle_minilm.py $(ARGS)
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check moeify tests examples
+
+# Build outputs and caches; `make distclean` also removes .venv (back to a fresh clone).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
