@@ -11,6 +11,7 @@ from moeify.monitors import (  # noqa: F401 - registration
     load,
     lost_updates,
     maturity,
+    timesteps,
 )
 from moeify.monitors.base import LayerStats, Monitor, StepStats, event, monitor_names, register_monitor
 from moeify.monitors.dead import DeadExperts
@@ -23,6 +24,7 @@ from moeify.monitors.load import ExpertLoad
 from moeify.monitors.lost_updates import LostUpdates
 from moeify.monitors.maturity import SharedMaturity
 from moeify.monitors.runner import MonitorRunner, Sink, attach_monitors, gather
+from moeify.monitors.timesteps import TimestepRouting, TimestepStats
 
 __all__ = [
     "DeadExperts",
@@ -39,6 +41,8 @@ __all__ = [
     "SharedMaturity",
     "Sink",
     "StepStats",
+    "TimestepRouting",
+    "TimestepStats",
     "attach_monitors",
     "ecology_number",
     "event",
