@@ -8,14 +8,26 @@
 from moeify.architectures import FFNLayout, register_conditioning, register_ffn, register_skip
 from moeify.config import MoeifyConfig
 from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify
+from moeify.hub.card import model_card
 from moeify.hub.export import ExportError, export
 from moeify.hub.load import from_pretrained
+from moeify.hub.push import PushError, push_to_hub
 from moeify.hub.save import save_pretrained
 from moeify.layers import MoeLayer, register_router
 from moeify.precision import check_bf16, guard_bf16
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    # `moeify.lora_config` is peft glue: importing peft costs ~3 s, paid on first use only.
+    if name == "lora_config":
+        from moeify.integrations.peft import lora_config
+
+        return lora_config
+    raise AttributeError(f"module 'moeify' has no attribute {name!r}")
+
 
 __all__ = [
     "ConversionError",
@@ -25,6 +37,7 @@ __all__ = [
     "MoeLayer",
     "MoeifyConfig",
     "MoeifyState",
+    "PushError",
     "__version__",
     "aux_loss",
     "check_bf16",
@@ -32,8 +45,11 @@ __all__ = [
     "find_ffns",
     "from_pretrained",
     "guard_bf16",
+    "lora_config",
+    "model_card",
     "moe_layers",
     "moeify",
+    "push_to_hub",
     "register_conditioning",
     "register_ffn",
     "register_router",

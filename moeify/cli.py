@@ -4,6 +4,8 @@
                                                      sites with reasons, parameter counts after
     moeify convert PATH OUT [recipe options]         load, convert (each layer checked), save
     moeify export SRC OUT --format FORMAT            a moeify checkpoint as a native transformers MoE
+    moeify card RUN_DIR --model SAVED_DIR [-o FILE]   a Hub model card from a monitor run + a checkpoint
+    moeify push SAVED_DIR REPO_ID [--run RUN_DIR]     upload a checkpoint (+ card, diagnostics) in one commit
 
 PATH is a local transformers or diffusers model directory (told apart by its config.json:
 transformers writes `model_type`, diffusers `_class_name`) or, for inspect, a moeify checkpoint.
@@ -297,6 +299,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moeify_checkpoint(path: Path, hint: str) -> Path:
+    if detect(path)[0] != "moeify":
+        raise CliError(f"{path} is not a moeify checkpoint (no moeify_config.json): {hint}")
+    return path
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from moeify.hub.card import model_card
+    from moeify.hub.push import write_card
+    from moeify.sinks.jsonl import read_run
+
+    run = read_run(args.run_dir)
+    path = _moeify_checkpoint(Path(args.model), "give the directory moeify.save_pretrained wrote")
+    model, _, _ = _inspect_moeify(path)  # on the meta device: the card needs shapes, not weights
+    options = {"base_model": args.base_model, "repo_id": args.repo_id}
+    if args.output is None:
+        print(model_card(model, run=run, **options))
+        print("(plots not written: pass -o FILE to write them into diagnostics/ beside it)", file=sys.stderr)
+        return 0
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} exists: pass --overwrite to replace it")
+    plots = write_card(model, args.run_dir, out, **options)
+    print(f"wrote {out}, and the run files and {len(plots)} plot(s) it links to in {out.parent / 'diagnostics'}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from moeify.hub.load import from_pretrained
+    from moeify.hub.push import PushError, push_to_hub
+
+    path = _moeify_checkpoint(Path(args.saved_dir), "convert a model with `moeify convert` first")
+    if args.run_dir is not None and not Path(args.run_dir).is_dir():
+        raise CliError(f"--run {args.run_dir}: no such run directory")
+    started = _step(f"loading {path} ...")
+    model = from_pretrained(path)
+    _step(f"loaded in {time.perf_counter() - started:.1f}s; pushing to {args.repo_id} ...")
+    options = {"private": args.private, "commit_message": args.message, "base_model": args.base_model}
+    try:
+        info = push_to_hub(model, args.repo_id, monitors=args.run_dir, **options)
+    except PushError as error:
+        raise CliError(str(error)) from None
+    print(f"pushed in one commit: {info}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moeify", description="Turn dense transformers / diffusers models into sparse MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -322,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the native MoE family")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.set_defaults(run=cmd_export)
+
+    card = commands.add_parser("card", help="render a Hub model card from a monitor run and a moeify checkpoint")
+    card.add_argument("run_dir", help="a run directory written by moeify.sinks.JsonlSink")
+    card.add_argument("--model", required=True, help="the moeify checkpoint directory (save_pretrained)")
+    card.add_argument("-o", "--output", help="write the card here (plots go to diagnostics/ beside it); default: print")
+    card.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    push = commands.add_parser("push", help="upload a moeify checkpoint, its card and diagnostics in one commit")
+    push.add_argument("saved_dir", help="the moeify checkpoint directory (save_pretrained)")
+    push.add_argument("repo_id", help="user/name, created if needed (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--run", dest="run_dir", help="a monitor run directory (JsonlSink) to publish as diagnostics/")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", help="the commit message")
+    for sub in (card, push):
+        sub.add_argument("--base-model", help="the base model's Hub repo id, for the card's metadata")
+    card.add_argument("--repo-id", help="the Hub repo the card is for (shown in the loading snippet)")
+    card.set_defaults(run=cmd_card)
+    push.set_defaults(run=cmd_push)
     return parser
 
 

@@ -168,6 +168,19 @@ def _check_directory(directory: Path) -> None:
         )
 
 
+def _check_no_peft(model: nn.Module) -> None:
+    """A peft-wrapped model's state dict holds adapters under peft's names, which moeify.from_pretrained
+    cannot rebuild: refuse it rather than write a checkpoint that does not load."""
+    found = next((n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        raise ValueError(
+            f"moeify.save_pretrained: this {type(model).__name__} holds peft adapters (at {found or 'the root'}). "
+            "Save the adapters with peft (peft_model.save_pretrained(dir)) over the base saved before get_peft_model "
+            "(reload: PeftModel.from_pretrained(moeify.from_pretrained(base_dir), dir)), or merge them into the "
+            "weights first: moeify.save_pretrained(peft_model.merge_and_unload(), dir)"
+        )
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Save a moeify-converted model to `directory` (created if needed); returns its path.
 
@@ -186,6 +199,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             f"moeify.save_pretrained saves moeify-converted models, and this {type(model).__name__} was not "
             "converted (no model.moeify_state): call moeify(model, ...) first, or save it with its own library"
         )
+    _check_no_peft(model)
     directory = Path(directory)
     _check_directory(directory)
     tensors, tied = split_shared(model.state_dict())

@@ -1,0 +1,394 @@
+"""`moeify.model_card(model, run=...)`: a Hub model card for a converted model.
+
+Built with `huggingface_hub.ModelCardData` + `ModelCard.from_template` from the Jinja template
+shipped in the package (templates/model_card.md.j2). The YAML header holds `library_name:
+moeify`, `base_model` (only when it names a Hub repo: the Hub rejects local paths), the tags, and
+a `moeify:` block with the conversion recipes, the parameter counts and, when a monitor run is
+given, the routing-health summary. The body holds the conversion summary, how to load the model
+and, with a run, a per-layer routing-health table, the events that matter and the plots
+(relative links to `diagnostics/*.png`, committed with the card: `moeify.push_to_hub`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moeify.convert import moe_layers
+
+TEMPLATE = "model_card.md.j2"
+DIAGNOSTICS = "diagnostics"
+TAGS = ["moe", "mixture-of-experts", "moeify", "upcycled"]
+# Hub pipeline tags by the suffix of a transformers class name.
+PIPELINE_TAGS = {
+    "ForCausalLM": "text-generation",
+    "ForMaskedLM": "fill-mask",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForImageClassification": "image-classification",
+}
+PLOTS = {  # file name: caption (see moeify.hub.plots)
+    "load_heatmap.png": "Expert load share per layer and expert over training",
+    "entropy.png": "Router entropy per layer over training",
+    "deadlock_map.png": "Deadlock map: the top expert's share of its maximum over depth and time",
+}
+# Per-layer table: (header, monitor, key in the summary, key in a history record, kind).
+COLUMNS = [
+    ("load cv", "expert_load", "cv", "cv", "num"),
+    ("max/mean load", "expert_load", "max_mean", "max_mean", "num"),
+    ("entropy", "router_entropy", "entropy", "entropy", "num"),
+    ("dead experts", "dead_experts", "dead_now", "dead", "count"),
+    ("ever dead", "dead_experts", "ever_dead", None, "count"),
+    ("deadlocked", "deadlock", "deadlocked", "deadlocked", "flag"),
+    ("shared/routed", "shared_maturity", "ratio_now", "ratio", "num"),
+    ("ecology E", "ecology", "E", "E", "num"),
+    ("expert spread", "expert_homogenization", "spread_max", "spread_max", "num"),
+    ("imbalance warnings", "imbalance_early_warning", "warnings", None, "count"),
+]
+# Model-wide figures read from the run summary: name -> path under summary["monitors"].
+SUMMARY_FIGURES = {
+    "ever_deadlocked_fraction": ("deadlock", "model", "depth_profile", "ever_deadlocked_fraction"),
+    "deadlock_u_thirds": ("deadlock", "model", "depth_profile", "u_thirds"),
+    "soft_saturated_layers": ("router_entropy", "model", "soft_saturated_layers"),
+    "saturated_layers": ("router_entropy", "model", "saturated_layers"),
+    "homogeneous_layers": ("expert_homogenization", "model", "homogeneous_layers"),
+    "imbalance_warned_layers": ("imbalance_early_warning", "model", "layers_warned"),
+    "lost_update_fraction": ("lost_updates", "model", "lost_fraction"),
+}
+# Events that end a problem; listed after the ones that start one.
+RESOLVED = {"revived", "recovered", "matured", "diversified", "soft_saturation_ended", "saturation_ended"}
+MAX_EVENTS = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain values
+
+
+def plain(value: Any) -> Any:
+    """JSON- and YAML-safe: tuples become lists, inf / nan become strings ("inf"), floats keep
+    their value (the Hub stores metadata as JSON, and PyYAML would tag tuples)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _round(value: Any) -> Any:
+    return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
+
+
+def human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def _cell(value: Any) -> str:
+    """Text for a markdown table cell (pipes escaped, no line breaks)."""
+    return " ".join(str(value).split()).replace("|", "\\|").replace("<", "&lt;")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
+    layer its router and shared experts, and top_k of its E routed experts), and those of the
+    dense model it was converted from (the routed experts are clones of its FFN: one per layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = dense = total
+    for _, layer in moe_layers(model):
+        in_layer = sum(p.numel() for p in layer.parameters())
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        per_expert = routed // layer.num_experts
+        active -= routed - layer.top_k * per_expert
+        dense -= in_layer - per_expert
+    return {"total": total, "active_per_token": active, "dense": dense}
+
+
+def _config_value(model: nn.Module, key: str) -> Any:
+    config = getattr(model, "config", None)
+    value = getattr(config, key, None)
+    if value is None and isinstance(config, dict):  # diffusers' FrozenDict
+        value = config.get(key)
+    return value
+
+
+def hub_base_model(model: nn.Module, base_model: str | None) -> str | None:
+    """The base model's Hub repo id: `base_model` if given (checked), else the model's
+    `_name_or_path` when it is a repo id rather than a local path (the Hub refuses others)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError as error:
+            raise ValueError(f"base_model={base_model!r} is not a Hub repo id (like 'org/name'): {error}") from None
+        return base_model
+    name = _config_value(model, "_name_or_path") or getattr(model, "name_or_path", None)
+    if not isinstance(name, str) or not name or Path(name).expanduser().exists() or os.path.isabs(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    report = model.moeify_state.report
+    sites = {s.install_path: s for s in (report.sites if report is not None else [])}
+    rows = []
+    for name, layer in moe_layers(model):
+        site = sites.get(name)
+        shared = layer.shared_experts.num_experts if layer.shared_experts is not None else 0
+        sizes = f"{site.in_features}→{site.intermediate_size}→{site.out_features}" if site and site.in_features else ""
+        rows.append({
+            "name": name,
+            "ffn": _cell(f"{site.class_name} {sizes}".strip() if site else ""),
+            "experts": layer.num_experts,
+            "top_k": layer.top_k,
+            "shared": shared,
+            "router": type(layer.router).__name__,
+        })
+    return rows
+
+
+def conversion(model: nn.Module) -> dict[str, Any]:
+    """What the card says about the conversion (template variables)."""
+    from moeify import __version__
+    from moeify.hub.save import library_of
+
+    state = model.moeify_state
+    layers = _layer_rows(model)
+    counts = parameter_counts(model)
+    report = state.report
+    skipped = [{"name": s.name, "class_name": s.class_name, "reason": _cell(s.reason)} for s in report.skipped] if report else []
+    base = {"library": library_of(model), "class_name": type(model).__name__}
+    if base["library"] == "transformers":
+        base["model_type"] = model.config.model_type
+    return {
+        "moeify_version": __version__,
+        "base": base,
+        "recipes": [plain(config.to_dict()) for config in state.conversions],
+        "layers": layers,
+        "skipped": skipped,
+        "parameters": counts,
+        "parameters_text": {k: human(v) for k, v in counts.items()},
+        "active_percent": f"{100 * counts['active_per_token'] / counts['total']:.1f}" if counts["total"] else "0",
+        "distinct": {key: sorted({row[key] for row in layers}) for key in ("experts", "top_k", "shared", "router")},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def as_run(run: Any) -> dict[str, Any] | None:
+    """A monitor run as {"history", "events", "summary"}: from a run directory (`JsonlSink`),
+    a `read_run` dict or a `MonitorRunner`."""
+    from moeify.monitors.runner import MonitorRunner
+    from moeify.sinks.jsonl import read_run
+
+    if run is None:
+        return None
+    if isinstance(run, MonitorRunner):
+        return {"history": list(run.history), "events": list(run.events), "summary": run.summary()}
+    if isinstance(run, (str, os.PathLike)):
+        return read_run(run)
+    if isinstance(run, dict) and isinstance(run.get("history"), list):
+        return {"history": run["history"], "events": run.get("events") or [], "summary": run.get("summary") or {}}
+    raise TypeError(
+        f"run must be a run directory (JsonlSink), a moeify.sinks.read_run dict or a MonitorRunner, "
+        f"got {type(run).__name__}"
+    )
+
+
+class _RunView:
+    """Reads a metric of a layer from the run summary, or else from the last history record."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        summary = run.get("summary") or {}
+        self.monitors = summary.get("monitors") or {}
+        self.last = run["history"][-1].get("monitors", {}) if run["history"] else {}
+        names = summary.get("layers") or [n for m in self.last.values() for n in m if n != "model"]
+        self.layers = list(dict.fromkeys(names))
+        self.steps = summary.get("steps") or (run["history"][-1].get("step") if run["history"] else 0)
+
+    def metric(self, monitor: str, layer: str, key: str, last_key: str | None) -> Any:
+        summary = self.monitors.get(monitor) or {}
+        per_layer = (summary.get("layers", summary) or {}).get(layer) or {}
+        if key in per_layer:
+            return per_layer[key]
+        return (self.last.get(monitor) or {}).get(layer, {}).get(last_key) if last_key else None
+
+    def figure(self, path: tuple[str, ...]) -> Any:
+        value: Any = self.monitors
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+
+def _count(value: Any) -> int | None:
+    if value is None:
+        return None
+    return len(value) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _display(value: Any, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "flag":
+        return "**yes**" if value else "no"
+    if kind == "count":
+        count = _count(value)
+        return f"{count} ({', '.join(map(str, value))})" if isinstance(value, list) and value else str(count)
+    if isinstance(value, str):  # "inf" as written by JsonlSink
+        return "∞" if value == "inf" else value
+    return "∞" if value == math.inf else f"{value:.3g}"
+
+
+def _events(run: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    events = [e for e in run.get("events") or [] if isinstance(e, dict)]
+    chosen = sorted(events, key=lambda e: (e.get("kind") in RESOLVED, e.get("step", 0)))[:MAX_EVENTS]
+    chosen.sort(key=lambda e: e.get("step", 0))
+    shown = [
+        {"step": e.get("step"), "kind": e.get("kind"), "layer": e.get("layer"), "detail": _cell(e.get("detail", ""))}
+        for e in chosen
+    ]
+    return shown, len(events) - len(shown)
+
+
+def routing_health(run: dict[str, Any]) -> dict[str, Any]:
+    """Template variables of the routing-health section, and the YAML summary ("yaml")."""
+    view = _RunView(run)
+    raw = {name: {c[0]: view.metric(c[1], name, c[2], c[3]) for c in COLUMNS} for name in view.layers}
+    columns = [c for c in COLUMNS if any(raw[name][c[0]] is not None for name in view.layers)]
+    rows = [[name] + [_display(raw[name][c[0]], c[4]) for c in columns] for name in view.layers]
+    deadlocked = [name for name in view.layers if raw[name]["deadlocked"]]
+    ecology = [v for v in (raw[n]["ecology E"] for n in view.layers) if v is not None]
+    figures = {
+        "steps": view.steps,
+        "observations": len(run["history"]),
+        "moe_layers": len(view.layers),
+        "dead_experts": sum(_count(raw[n]["dead experts"]) or 0 for n in view.layers),
+        "deadlocked_layers": deadlocked,
+        "ecology_E_min": min((float(v) for v in ecology), default=None),
+        "shared_matured_layers": sum(
+            1 for n in view.layers if view.metric("shared_maturity", n, "matured_step", None) is not None
+        ),
+    }
+    figures.update({name: view.figure(path) for name, path in SUMMARY_FIGURES.items()})
+    figures["events"] = dict(Counter(str(e.get("kind")) for e in run.get("events") or [] if isinstance(e, dict)))
+    yaml = {k: _round(v) for k, v in plain(figures).items() if v is not None}
+    events, more = _events(run)
+    return {
+        "yaml": yaml,
+        "figures": yaml,
+        "headers": ["layer"] + [c[0] for c in columns],
+        "rows": [[_cell(v) for v in row] for row in rows],
+        "events": events,
+        "more_events": more,
+    }
+
+
+def expected_plots(run: dict[str, Any]) -> list[str]:
+    """The plots `routing_plots` writes for this run (which monitors it holds)."""
+    monitors = {name for record in run.get("history") or [] for name in record.get("monitors", {})}
+    names = ["load_heatmap.png", "entropy.png", "deadlock_map.png"]
+    wanted = {"load_heatmap.png": "expert_load", "entropy.png": "router_entropy", "deadlock_map.png": "expert_load"}
+    return [n for n in names if wanted[n] in monitors]
+
+
+# ---------------------------------------------------------------------------------------------
+# The card
+
+
+def _template() -> str:
+    return resources.files("moeify.hub").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+
+
+def _pipeline_tag(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((tag for suffix, tag in PIPELINE_TAGS.items() if name.endswith(suffix)), None)
+
+
+def model_card(
+    model: nn.Module,
+    *,
+    run: Any = None,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    plots: list[str] | None = None,
+):  # -> huggingface_hub.ModelCard
+    """The Hub model card of a moeify-converted model.
+
+    `run`: routing diagnostics to summarise: a run directory written by `JsonlSink`, a
+    `moeify.sinks.read_run` dict or a `MonitorRunner`. `base_model`: the base model's Hub repo id
+    (default: the model's `_name_or_path` when it is one). `repo_id`: where the card goes (used
+    in the loading snippet). `plots`: names of the PNGs under `diagnostics/` to embed (default:
+    those `moeify.hub.plots.routing_plots` writes for the run). Needs jinja2.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from moeify.hub.save import unwrap
+
+    model = unwrap(model)  # torch.compile / DDP wrappers
+    state = getattr(model, "moeify_state", None)
+    if state is None or not state.conversions:
+        raise ValueError(
+            f"moeify.model_card describes moeify-converted models, and this {type(model).__name__} was not "
+            "converted (no model.moeify_state): call moeify(model, ...) first"
+        )
+    info = conversion(model)
+    run = as_run(run)
+    health = routing_health(run) if run is not None and run["history"] else None
+    if health is not None:
+        plot_names = expected_plots(run) if plots is None else list(plots)
+        health["plots"] = [{"path": f"{DIAGNOSTICS}/{name}", "caption": PLOTS.get(name, name)} for name in plot_names]
+    base = hub_base_model(model, base_model)
+    block = {
+        "version": info["moeify_version"],
+        "base": info["base"],
+        "recipes": info["recipes"],
+        "moe_layers": len(info["layers"]),
+        "skipped_sites": len(info["skipped"]),
+        "parameters": info["parameters"],
+    }
+    if health is not None:
+        block["routing_health"] = health["yaml"]
+    tags = TAGS + ([info["base"]["model_type"]] if info["base"].get("model_type") else [])
+    data = ModelCardData(
+        library_name="moeify", base_model=base, tags=tags, pipeline_tag=_pipeline_tag(model), moeify=plain(block)
+    )
+    title = repo_id.split("/")[-1] if repo_id else f"{info['base']['class_name']} (moeify MoE)"
+    try:
+        return ModelCard.from_template(
+            data,
+            template_str=_template(),
+            title=title,
+            repo_id=repo_id,
+            base_model_id=base,
+            conversion=info,
+            recipes_json=[json.dumps(r, indent=2) for r in info["recipes"]],
+            health=health,
+            diagnostics=DIAGNOSTICS,
+        )
+    except ImportError as error:
+        raise ImportError("moeify.model_card needs jinja2: pip install jinja2") from error
+
+
+__all__ = ["as_run", "model_card", "parameter_counts"]
