@@ -369,3 +369,20 @@ def test_plain_loaders_fail_loudly(tmp_path: Path) -> None:
         diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "dit")
     with pytest.raises(ValueError, match=r"moeify\.from_pretrained"):
         diffusers.AutoModel.from_pretrained(tmp_path / "dit")
+
+
+def test_base_model_name_survives_the_round_trip(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moeify as moeify_pkg
+
+    cfg = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.config._name_or_path = "meta-llama/Llama-3.2-1B"
+    moeify_pkg.moeify(model, num_experts=2, top_k=1)
+    moeify_pkg.save_pretrained(model, tmp_path / "ckpt")
+    reloaded = moeify_pkg.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.config._name_or_path == "meta-llama/Llama-3.2-1B"

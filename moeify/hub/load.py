@@ -204,6 +204,10 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
                 f"checkpoint was converted from?): {error}"
             ) from error
     model.moeify_state.conversions = configs  # the recipes as saved (verify included)
+    name = (record.get("base") or {}).get("name_or_path")
+    config = getattr(model, "config", None)
+    if name and config is not None and hasattr(config, "_name_or_path"):
+        config._name_or_path = name  # the card's base_model survives a save/load round trip
     return configs
 
 

@@ -82,6 +82,10 @@ def _base_description(model: nn.Module) -> dict[str, Any]:
         base["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     if library in ("transformers", "diffusers"):
         base["config_file"] = BASE_CONFIG
+        # Where the dense model came from (a Hub id or a path): the model card's `base_model`.
+        # transformers' config serialisation drops it, so it is recorded here.
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        base["name_or_path"] = name if isinstance(name, str) and name else None
     return base
 
 
