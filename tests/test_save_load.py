@@ -118,6 +118,7 @@ def test_fresh_conversion_records_recipe_and_base(tmp_path: Path) -> None:
         "auto_class": "AutoModelForCausalLM",
         "attn_implementation": "eager",
         "config_file": "base_config.json",
+        "name_or_path": None,  # built from a config, not loaded from a path
     }
     assert json.loads((tmp_path / "base_config.json").read_text())["model_type"] == "llama"
     assert sorted(p.name for p in tmp_path.iterdir()) == [

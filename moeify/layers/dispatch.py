@@ -61,5 +61,7 @@ def grouped_linear(
         sizes = tokens_per_expert_E.tolist()
         y_AO = torch.cat([chunk @ w_OI.T for chunk, w_OI in zip(x_AI.split(sizes), weight_EOI.unbind(0))])
     if bias_EO is not None:
-        y_AO = y_AO + bias_EO.to(y_AO.dtype)[expert_A]
+        # index_select: its backward is a row-wise index_add_ into [E, O]; bias[expert_A]'s is an
+        # element-wise scatter over all A*O entries (2.5x slower on CPU at 4096 tokens, DiT sizes).
+        y_AO = y_AO + bias_EO.to(y_AO.dtype).index_select(0, expert_A)
     return y_AO

@@ -85,7 +85,7 @@ class MoeLayer(nn.Module):
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK = self.route(x_TD, batch_shape)
         routed_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
-        shared_TD = self.shared_experts.forward_all(x_TD).to(routed_TD.dtype) if self.shared_experts is not None else None
+        shared_TD = self.shared_experts(x_TD).to(routed_TD.dtype) if self.shared_experts is not None else None
         y_TD = routed_TD if shared_TD is None else routed_TD + shared_TD
         entropy_T = losses.entropy(probs_TE)
         layer_losses = {

@@ -39,6 +39,11 @@ _TINY = 1e-30
 
 def expert_weights(experts: nn.Module) -> list[Tensor | list[Tensor]]:
     """Per parameter, the E experts' values: one [E, n] view (packed) or E flat [n] tensors."""
+    if any(type(m).__module__.split(".")[0] == "peft" for m in experts.modules()):
+        # peft adapters change what each expert computes: read W + ΔW, as the forward does.
+        from moeify.integrations.peft import adapted_expert_weights
+
+        return adapted_expert_weights(experts)
     if isinstance(experts, PackedExperts):
         params = [p for p in (experts.w_in, experts.b_in, experts.w_out, experts.b_out) if p is not None]
         return [p.detach().reshape(experts.num_experts, -1) for p in params]

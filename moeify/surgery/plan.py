@@ -105,6 +105,22 @@ def _check_site(model: nn.Module, site: FFNSite, config: MoeifyConfig) -> None:
             )
 
 
+def _check_no_peft(model: nn.Module) -> None:
+    """A peft model is refused whole, even with no adapter on an FFN: its adapter config and
+    checkpoints describe the dense model, so the new routers and experts would be neither saved by
+    peft's save_pretrained nor rebuilt by PeftModel.from_pretrained (and get_peft_model's freezing
+    would not cover them)."""
+    found = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if found is not None:
+        name, module = found
+        raise ConversionError(
+            f"{type(model).__name__} is a peft model ({type(module).__name__} at {name or 'the root'}): its adapters "
+            "describe the dense model, and the routers and experts moeify adds would be missing from peft's "
+            "checkpoints. Merge the adapters first (model = model.merge_and_unload(); moeify(model)), or convert "
+            "first and add adapters after: get_peft_model(moeify(model), moeify.lora_config(model, recipe=...))."
+        )
+
+
 def _router_width(site: FFNSite, config: MoeifyConfig, model: nn.Module) -> int:
     if config.router_hidden_size is not None:
         width = config.router_hidden_size
@@ -140,6 +156,7 @@ def plan_conversion(model: nn.Module, config: MoeifyConfig) -> ConversionPlan:
         raise _nothing_found(model, report, config)
     for site in report.sites:
         _check_site(model, site, config)
+    _check_no_peft(model)
     conditioning = _conditioning(model, config)
     widths = {site.name: _router_width(site, config, model) for site in report.sites}
     if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) for p in model.parameters()):

@@ -12,6 +12,7 @@ A attention width, N heads, T = B*S tokens, E experts.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -108,6 +109,18 @@ class CrossAttentionRouter(Router):
         for layer in (self.to_q, self.to_k, self.to_v, self.from_tokens, self.from_context):
             nn.init.normal_(layer.weight, std=init_std)
         self.context: ConditioningContext | None = None  # set by the conversion, not a module
+
+    def __deepcopy__(self, memo: dict) -> CrossAttentionRouter:
+        # A router copied on its own (peft's modules_to_save copy, a copied block) keeps reading its
+        # model's conditioning: a copied context would hold the conditioning of the last forward
+        # forever. Copied with its whole model it gets the copy's context, which `memo` holds by
+        # then (the root's capture hook, in `_forward_pre_hooks`, is copied before `_modules`).
+        if self.context is not None and id(self.context) not in memo:
+            memo[id(self.context)] = self.context
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return clone
 
     def logits(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
         if self.context is None:
