@@ -1,0 +1,182 @@
+"""accelerate glue for converted models: what a training script needs beyond `Accelerator`.
+
+    accelerator = Accelerator(mixed_precision="bf16", fsdp_plugin=fsdp2_plugin())
+    model = moeify(model, num_experts=8)
+    runner = attach_monitors(model, sinks=[AccelerateSink(accelerator), JsonlSink(out / "run")])
+    register_state(accelerator, model, runner)         # before save_state / load_state
+    model, optimizer = prepare(accelerator, model, optimizer)
+    ...
+    accelerator.save_state(out / "checkpoint")          # or accelerator.load_state(...)
+
+Monitor records reach accelerate's trackers through `moeify.sinks.AccelerateSink`. Attach the
+runner on EVERY rank: `runner.step()` all-reduces the routing statistics (a collective), and the
+sinks write on the main process only.
+
+What was measured (tests/test_distributed.py, gloo, torch 2.13, accelerate 1.15):
+- DDP needs no `find_unused_parameters`: packed experts hold one [E, ...] parameter per
+  projection, so every expert is in every step's graph; generic-path experts (`ModuleExperts`)
+  join an expert that got no tokens through an empty slice of its parameters (zero gradient, zero
+  work).
+- DDP (`broadcast_buffers=True`, its default) copies rank 0's buffers over every rank's at each
+  forward, the routing-statistic accumulators included: with two forwards per observation window
+  (gradient accumulation, `every_n_steps > 1`) rank 1's first counts are replaced by rank 0's and
+  the all-reduced statistics are wrong. `prepare` tells DDP to leave the MoE layers'
+  non-persistent buffers alone; plain `accelerator.prepare` does not.
+- FSDP2 with `MixedPrecisionPolicy(param_dtype=torch.bfloat16)` casts the fp32 routers to bf16 for
+  the forward, and the fp32 routing math then fails ("expected m1 and m2 to have the same dtype").
+  Routers need their own FSDP unit with an fp32 policy (`shard_routers`).
+- accelerate's FSDP2 config file cannot ask for fp32 gradient reduction: with
+  `mixed_precision: bf16` it reduces in bf16. `fsdp2_plugin()` passes the policy explicitly.
+- `accelerate launch --multi_gpu` on a CPU-only machine starts independent one-process runs unless
+  `ACCELERATE_USE_CPU=1` is set: `check_launch` refuses that silent trap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import accelerate
+    from accelerate.utils import DistributedType
+except ImportError as error:  # pragma: no cover - accelerate is a core dependency
+    raise ImportError("moeify.integrations.accelerate needs accelerate: pip install 'accelerate>=1.0'") from error
+
+from moeify.convert import moe_layers
+
+STATE_FORMAT = 1
+
+
+def check_launch(accelerator: accelerate.Accelerator) -> None:
+    """Refuse a launch that started several processes that do not form one distributed run."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate sees "
+            f"{accelerator.num_processes}: each process would train alone on its own data. On a machine "
+            "without GPUs set ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 accelerate launch "
+            "--config_file integrations/accelerate/cpu_2proc.yaml train.py"
+        )
+
+
+def fsdp2_plugin(**kwargs: Any) -> accelerate.FullyShardedDataParallelPlugin | None:
+    """An FSDP2 plugin that computes in bf16 and reduces gradients in fp32, when the script was
+    launched with an FSDP config file (`fsdp2_bf16.yaml`); None otherwise, so
+    `Accelerator(fsdp_plugin=fsdp2_plugin())` is right under every config. The config file's other
+    `fsdp_*` settings still apply (the plugin reads them from the launcher's environment)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # accelerate would build MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16): gradient
+    # sums in bf16 lose the small contributions of each rank (../NOTES.md, bf16).
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs.setdefault("fsdp_version", 2)
+    return accelerate.FullyShardedDataParallelPlugin(mixed_precision_policy=policy, **kwargs)
+
+
+def shard_routers(model: nn.Module, **fully_shard_kwargs: Any) -> int:
+    """Give every router its own FSDP2 unit that keeps fp32 parameters in the forward, before the
+    MoE layers and the root are sharded with a bf16 policy. Returns the number of routers sharded.
+    `fully_shard_kwargs` (mesh, reshard_after_forward, ...) go to `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    routers = [layer.router for _, layer in moe_layers(model) if not isinstance(layer.router, FSDPModule)]
+    for router in routers:
+        fully_shard(router, mp_policy=fp32, **fully_shard_kwargs)
+    return len(routers)
+
+
+def _fsdp2_casts_params(accelerator: accelerate.Accelerator) -> bool:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type != DistributedType.FSDP or plugin is None or plugin.fsdp_version != 2:
+        return False
+    policy = plugin.mixed_precision_policy
+    return policy is not None and policy.param_dtype not in (None, torch.float32)
+
+
+def keep_stats_local(model: nn.Module) -> list[str]:
+    """Exclude the MoE layers' non-persistent buffers (per-rank routing accumulators, summed by the
+    monitor runner's all-reduce) from DDP's buffer broadcast. Call before DDP wraps `model`;
+    returns the buffer names DDP now ignores."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"{name}.{buffer}" for name, layer in moe_layers(model) for buffer in sorted(layer._non_persistent_buffers_set)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    ignored += [name for name in names if name not in ignored]
+    # torch's documented workaround until DDP has a public API (pytorch/pytorch#43690).
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return names
+
+
+def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any) -> Any:
+    """`accelerator.prepare(model, *objects)` for a converted model: `check_launch`, then
+    `keep_stats_local` (DDP), and under FSDP2 with a low-precision param dtype the routers are
+    first sharded with an fp32 policy. No DDP kwargs are needed (see the module docstring).
+    Returns what `accelerator.prepare` returns."""
+    check_launch(accelerator)
+    keep_stats_local(model)
+    if _fsdp2_casts_params(accelerator):
+        plugin = accelerator.state.fsdp_plugin
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        if mesh is not None and accelerator.parallelism_config is not None:
+            mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+        shard_routers(model, mesh=mesh, reshard_after_forward=plugin.reshard_after_forward)
+    return accelerator.prepare(model, *objects)
+
+
+class MoeifyCheckpoint:
+    """moeify's non-parameter state, for `accelerator.register_for_checkpointing`: the conversion
+    recipes (checked on load, so a checkpoint is not loaded into a differently converted model) and
+    a monitor runner's step counter and events. Primitives only: accelerate unpickles custom state
+    with `weights_only=False`.
+
+    Not saved: the routing-statistic buffers. They hold one observation window and are reset by
+    `runner.step()`; save at a window boundary (every step with `every_n_steps=1`). Monitors'
+    internal streaks (dead / deadlocked counters) restart after a resume."""
+
+    def __init__(self, model: nn.Module, runner: Any = None) -> None:
+        self.model, self.runner = model, runner
+
+    def _recipes(self) -> str:
+        state = getattr(self.model, "moeify_state", None)
+        if state is None:
+            raise ValueError(f"{type(self.model).__name__} was not converted by moeify: call moeify(model) first")
+        return json.dumps([config.to_dict() for config in state.conversions], sort_keys=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"format": STATE_FORMAT, "recipes": self._recipes()}
+        if self.runner is not None:
+            state["monitor_steps"] = int(self.runner.steps)
+            state["monitor_events"] = json.dumps(self.runner.events, default=str)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a moeify checkpoint state (format {STATE_FORMAT}): {type(state).__name__}")
+        if state["recipes"] != self._recipes():
+            raise ValueError(
+                "this checkpoint was written for a model converted with other moeify recipes:\n"
+                f"  checkpoint: {state['recipes']}\n  this model: {self._recipes()}\n"
+                "convert the model with the checkpoint's recipe before accelerator.load_state"
+            )
+        if self.runner is not None and "monitor_steps" in state:
+            self.runner.steps = state["monitor_steps"]
+            self.runner.events[:] = json.loads(state["monitor_events"])
+
+
+def register_state(accelerator: accelerate.Accelerator, model: nn.Module, runner: Any = None) -> MoeifyCheckpoint:
+    """Make `accelerator.save_state` / `load_state` carry moeify's state (`MoeifyCheckpoint`).
+    Call it in the same order relative to other `register_for_checkpointing` calls in the run that
+    saves and in the run that loads (accelerate matches custom states by position)."""
+    checkpoint = MoeifyCheckpoint(model, runner)
+    accelerator.register_for_checkpointing(checkpoint)
+    return checkpoint
+
+
+__all__ = ["MoeifyCheckpoint", "check_launch", "fsdp2_plugin", "keep_stats_local", "prepare", "register_state", "shard_routers"]
