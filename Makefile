@@ -36,3 +36,13 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# MoE speed as ratios against the dense top-k limit and transformers' MoE block (benchmarks/README.md).
+# Full mode takes ~7-10 min on 2 CPU cores; `make bench-quick` is a ~2 min smoke run.
+.PHONY: bench bench-quick
+bench: venv
+	$(PY) benchmarks/run.py
+	$(PY) benchmarks/monitors_bench.py --output benchmarks/monitors_results.json
+
+bench-quick: venv
+	$(PY) benchmarks/run.py --quick --output /tmp/moeify-bench-quick.json
