@@ -26,7 +26,9 @@ from pathlib import Path
 
 from torch import nn
 
-from moeify.config import ROUTER_KINDS, MoeifyConfig
+from moeify.config import MoeifyConfig
+from moeify.convert import parameter_counts
+from moeify.layers.routers import router_kinds
 
 EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -60,7 +62,7 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experts", type=int, default=defaults.num_experts, help="routed experts per FFN")
     group.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token")
     group.add_argument("--shared", type=int, default=defaults.num_shared_experts, help="shared experts per FFN")
-    group.add_argument("--router", choices=ROUTER_KINDS, default=defaults.router)
+    group.add_argument("--router", choices=router_kinds(), default=defaults.router)  # registered kinds too
     group.add_argument(
         "--layers", type=_layers, default=None, help="block indices to convert, e.g. 0,1,5 (default: all)"
     )
@@ -156,18 +158,6 @@ def load_dense(path: Path, library: str, class_name: str | None, *, empty: bool)
 # Reporting
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token): a token runs top_k of the E routed experts of each MoE layer."""
-    from moeify.convert import moe_layers
-
-    total = sum(p.numel() for p in model.parameters())
-    idle = 0
-    for _, layer in moe_layers(model):
-        routed = sum(p.numel() for p in layer.experts.parameters())
-        idle += routed - routed * layer.top_k // layer.num_experts
-    return total, total - idle
-
-
 def human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -220,14 +210,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         header = f"{path}: moeify checkpoint of {type(model).__name__}, {len(recipes)} conversion(s)"
     else:
         model = load_dense(path, library, class_name, empty=True)
-        dense, _ = parameter_counts(model)
+        dense = parameter_counts(model)["total"]
         try:
             moeify(model, config.replace(verify=False))  # on the meta device: sizes only
         except ConversionError as error:
             raise CliError(str(error)) from None
         recipes = [config]
         header = f"{path}: {library} {type(model).__name__}"
-    total, active = parameter_counts(model)
+    counts = parameter_counts(model)
+    total, active = counts["total"], counts["active_per_token"]
     report = model.moeify_state.report
     if args.json:
         data = {
@@ -266,13 +257,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("OUT must differ from PATH: the dense checkpoint is kept")
     started = _step(f"loading {path} ({library} {class_name or 'AutoModel'}) ...")
     model = load_dense(path, library, class_name, empty=False)
-    dense, _ = parameter_counts(model)
+    dense = parameter_counts(model)["total"]
     step = _step(
         f"loaded {human(dense)} parameters in {time.perf_counter() - started:.1f}s; converting: {_describe(config)} ..."
     )
     moeify(model, config)
     report = model.moeify_state.report
-    total, active = parameter_counts(model)
+    counts = parameter_counts(model)
+    total, active = counts["total"], counts["active_per_token"]
     step = _step(
         f"converted {len(report.sites)} FFN site(s) ({len(report.skipped)} skipped), each checked against its dense "
         f"FFN, in {time.perf_counter() - step:.1f}s: {human(total)} parameters, {human(active)} active per token; "

@@ -132,6 +132,21 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MoeLayer)]
 
 
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
+    layer its router and shared experts, and top_k of its E routed experts), and those of the
+    dense model it was converted from (the routed experts are clones of its FFN: one per layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = dense = total
+    for _, layer in moe_layers(model):
+        in_layer = sum(p.numel() for p in layer.parameters())
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        per_expert = routed // layer.num_experts
+        active -= routed - layer.top_k * per_expert
+        dense -= in_layer - per_expert
+    return {"total": total, "active_per_token": active, "dense": dense}
+
+
 def aux_loss(model: nn.Module) -> Tensor:
     """The weighted sum of every MoE layer's router losses (balance, z-loss, entropy) from the
     last forward, ready to add to the task loss: `loss = task_loss + moeify.aux_loss(model)`."""
@@ -158,4 +173,4 @@ def aux_loss(model: nn.Module) -> Tensor:
     return total
 
 
-__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify"]
+__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts"]

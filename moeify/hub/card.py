@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from moeify.convert import moe_layers
+from moeify.convert import moe_layers, parameter_counts
 
 TEMPLATE = "model_card.md.j2"
 DIAGNOSTICS = "diagnostics"
@@ -102,21 +102,6 @@ def _cell(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The model
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
-    layer its router and shared experts, and top_k of its E routed experts), and those of the
-    dense model it was converted from (the routed experts are clones of its FFN: one per layer)."""
-    total = sum(p.numel() for p in model.parameters())
-    active = dense = total
-    for _, layer in moe_layers(model):
-        in_layer = sum(p.numel() for p in layer.parameters())
-        routed = sum(p.numel() for p in layer.experts.parameters())
-        per_expert = routed // layer.num_experts
-        active -= routed - layer.top_k * per_expert
-        dense -= in_layer - per_expert
-    return {"total": total, "active_per_token": active, "dense": dense}
 
 
 def _config_value(model: nn.Module, key: str) -> Any:
