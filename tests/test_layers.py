@@ -1,5 +1,5 @@
-"""Layer mechanics: packed (grouped) experts against module (generic) experts, the grouped-mm path
-against the per-expert loop, mixed precision, routing counts, routers, router losses, and the
+"""Layer mechanics: packed experts against module (generic) experts, the CPU expert loop against
+the grouped path, the grouped-mm path against the per-expert loop, mixed precision, routing counts, routers, router losses, and the
 gradients of shared experts under each training init.
 
 Shape legend: T tokens, D model dim, E experts, K top-k.
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import moeify
 from moeify import FFNLayout, MoeLayer, aux_loss, moe_layers
 from moeify.architectures.layouts import Piece, read_weights
-from moeify.layers import dispatch, losses
+from moeify.layers import dispatch, expert_loop, losses
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.routers import ConditioningContext, RouterSpec, build_router, router_kinds
 
@@ -191,6 +191,7 @@ def test_grouped_mm_matches_per_expert_loop(kind: str, case: str, monkeypatch: p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
+    monkeypatch.setattr(expert_loop, "applies", lambda *args: False)  # the grouped path, as on a GPU
     grouped = run(packed, layout, idx_TK, weights_TK)
     assert len(calls) == 2  # both projections took the grouped path
     packed.zero_grad()
@@ -198,6 +199,77 @@ def test_grouped_mm_matches_per_expert_loop(kind: str, case: str, monkeypatch: p
     loop = run(packed, layout, idx_TK, weights_TK)
     assert len(calls) == 2  # ... and now neither did
     assert_same(grouped, loop, tol=1e-6)
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_expert_loop_matches_grouped_path(kind: str, bias: bool, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    packed, _, layout = make_pair(kind, bias)
+    idx_TK, weights_TK = routes(case)
+    calls = []
+    real = expert_loop.ExpertLoop.apply
+    monkeypatch.setattr(expert_loop.ExpertLoop, "apply", lambda *args: calls.append(1) or real(*args))
+    looped = run(packed, layout, idx_TK, weights_TK)
+    assert calls == [1]  # the CPU default is the expert loop, with its own backward
+    packed.zero_grad()
+    monkeypatch.setattr(expert_loop, "applies", lambda *args: False)
+    grouped = run(packed, layout, idx_TK, weights_TK)
+    assert calls == [1]
+    assert_same(looped, grouped, tol=1e-6)
+    if case == "empty":  # idle experts' gradients are written as exact zeros, not left as garbage
+        assert float(looped["w_in"][1:3].abs().max()) == 0.0 and float(looped["w_out"][1:3].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_expert_loop_gradcheck(kind: str) -> None:
+    """Every gradient of the loop against finite differences (float64), idle expert included."""
+    packed, _, _ = make_pair(kind, bias=True)
+    packed.double()
+    idx_TK, _ = routes("empty")
+    _, _, expert_A, counts_E = dispatch.sort_by_expert(idx_TK[:3], E)
+    x_AD = torch.randn(expert_A.shape[0], D, dtype=torch.float64, requires_grad=True)
+    tensors = [x_AD] + [p.detach().clone().requires_grad_() for p in (packed.w_in, packed.b_in, packed.w_out, packed.b_out)]
+
+    def loop(*inputs: Tensor) -> Tensor:
+        return expert_loop.run(*inputs, counts_E, packed._activation)
+
+    assert torch.autograd.gradcheck(loop, tuple(tensors), eps=1e-6, atol=1e-5)
+
+
+def test_expert_loop_computes_only_the_gradients_asked_for() -> None:
+    """Frozen experts (the "routers+shared" recipe): only the tokens' gradient is computed, and it
+    equals the one computed alongside the weight gradients."""
+    packed, _, _ = make_pair("gated", bias=True)
+    idx_TK, weights_TK = routes("normal")
+    x_TD = torch.randn(idx_TK.shape[0], D, requires_grad=True)
+    packed(x_TD, idx_TK, weights_TK)[0].square().sum().backward()
+    full = x_TD.grad.clone()
+    x_TD.grad = None
+    packed.zero_grad(set_to_none=True)
+    packed.w_in.requires_grad_(False)
+    packed.b_out.requires_grad_(False)
+    packed(x_TD, idx_TK, weights_TK)[0].square().sum().backward()
+    assert packed.w_in.grad is None and packed.b_out.grad is None
+    assert packed.b_in.grad is not None and packed.w_out.grad is not None
+    assert torch.equal(x_TD.grad, full)
+
+
+def test_expert_loop_runs_only_where_it_can() -> None:
+    packed, _, _ = make_pair("gated", bias=False)
+    tensors = (packed.w_in, packed.b_in, packed.w_out, packed.b_out)
+    x = torch.zeros(3, D)
+    assert packed._runs_expert_by_expert(x, tensors)
+    assert not packed._runs_expert_by_expert(x.bfloat16(), tensors)  # mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not packed._runs_expert_by_expert(x, tensors)  # autocast picks the projections' dtype
+    packed.mid_dropout = 0.1
+    packed.eval()
+    assert packed._runs_expert_by_expert(x, tensors)  # eval: dropout is the identity
+    packed.train()
+    assert not packed._runs_expert_by_expert(x, tensors)  # its mask would have to be replayed in backward
+    packed.mid_dropout, packed.act = 0.0, nn.SiLU(inplace=True)
+    assert not packed._runs_expert_by_expert(x, tensors)  # backward recomputes from the pre-activation
 
 
 def test_grouped_mm_is_chosen_only_where_supported() -> None:

@@ -1,0 +1,160 @@
+"""The CPU path of packed experts: expert by expert, up -> activation -> down, forward and backward.
+
+Why a second path: on a CPU the grouped product is itself a loop of `mm` (`torch._grouped_mm`
+on CPU), so grouping buys nothing there, while running each projection across all experts
+sends every intermediate out to memory and back ([A, 2I] is 185 MB at LLM sizes, 4096 tokens).
+Going expert by expert keeps one expert's intermediate (~23 MB) in the last-level cache between
+its two products, which is how transformers' eager experts run (8-14% faster forward than
+projection by projection; benchmarks/RESULTS.md).
+
+Autograd through `w.unbind(0)` would then stack E separate weight gradients into a fresh
+[E, ...] tensor in backward (a second 277 MB allocation and copy per step at LLM sizes), so
+`ExpertLoop` is a custom autograd Function whose backward also goes expert by expert and writes
+each expert's weight gradient straight into its slice of one [E, ...] gradient.
+
+The split sizes are read on the host: on a CPU that is a memory read, not a device sync. Other
+devices take the grouped path (moeify.layers.dispatch), which never reads them.
+
+Shape legend: A assignments sorted by expert, D model dim, H rows of the input projection
+(2I when gated), I intermediate dim, O output dim, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Activation = Callable[[Tensor], Tensor]  # [n, H] -> [n, I], elementwise per token
+
+
+def applies(x_AD: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module) -> bool:
+    """Whether the expert loop can run this call: a CPU tensor without autocast, one dtype for
+    the tokens and every expert tensor, and an activation that does not write into its input
+    (backward recomputes the activation from the saved pre-activation)."""
+    if x_AD.device.type != "cpu" or torch.is_autocast_enabled("cpu") or getattr(act, "inplace", False):
+        return False
+    return all(t is None or (t.dtype == x_AD.dtype and t.device.type == "cpu") for t in tensors)
+
+
+def run(
+    x_AD: Tensor,
+    w_in_EHD: Tensor,
+    b_in_EH: Tensor | None,
+    w_out_EOI: Tensor,
+    b_out_EO: Tensor | None,
+    tokens_per_expert_E: Tensor,
+    activate: Activation,
+) -> Tensor:
+    """y[a] = w_out[e] · activate(w_in[e] · x[a] + b_in[e]) + b_out[e] for assignments sorted by
+    expert; through `ExpertLoop` when a gradient is wanted, else without saving anything."""
+    sizes = tokens_per_expert_E.tolist()
+    tensors = (x_AD, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ExpertLoop.apply(*tensors, sizes, activate)
+    return _forward(*tensors, sizes, activate, h_AH=None)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(x, weight.T, out=out)
+    return torch.addmm(bias, x, weight.T, out=out)
+
+
+def _forward(
+    x_AD: Tensor,
+    w_in_EHD: Tensor,
+    b_in_EH: Tensor | None,
+    w_out_EOI: Tensor,
+    b_out_EO: Tensor | None,
+    sizes: list[int],
+    activate: Activation,
+    h_AH: Tensor | None,
+) -> Tensor:
+    """The loop itself. With `h_AH` the pre-activations are kept there for backward (written
+    once, read back only then); without it each expert's stays a temporary."""
+    y_AO = x_AD.new_empty(x_AD.shape[0], w_out_EOI.shape[1])
+    start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        h_nH = _linear(
+            x_AD[rows], w_in_EHD[e], None if b_in_EH is None else b_in_EH[e], None if h_AH is None else h_AH[rows]
+        )
+        _linear(activate(h_nH), w_out_EOI[e], None if b_out_EO is None else b_out_EO[e], out=y_AO[rows])
+    return y_AO
+
+
+class ExpertLoop(torch.autograd.Function):
+    """`_forward` with a backward that runs expert by expert as well.
+
+    Saves the tokens, the weights and the pre-activations [A, H] (as autograd would for the
+    grouped path); the activation is recomputed per expert in backward, inside the cache.
+    Weight gradients of experts that received no token are exact zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, sizes, activate):  # noqa: ANN001, ANN205
+        h_AH = x_AD.new_empty(x_AD.shape[0], w_in_EHD.shape[1])
+        y_AO = _forward(x_AD, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, sizes, activate, h_AH)
+        ctx.save_for_backward(x_AD, w_in_EHD, w_out_EOI, h_AH)
+        ctx.sizes, ctx.activate = sizes, activate
+        ctx.has_bias = (b_in_EH is not None, b_out_EO is not None)
+        return y_AO
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y_AO):  # noqa: ANN001, ANN205
+        x_AD, w_in_EHD, w_out_EOI, h_AH = ctx.saved_tensors
+        need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
+        need_h = need_x or need_w_in or need_b_in
+        grad_y_AO = grad_y_AO.contiguous()
+        num_experts = w_in_EHD.shape[0]
+        # Each expert writes its own slice; experts without tokens are zeroed below.
+        grad_x_AD = torch.empty_like(x_AD) if need_x else None
+        grad_w_in = w_in_EHD.new_empty(w_in_EHD.shape) if need_w_in else None
+        grad_b_in = w_in_EHD.new_empty(num_experts, w_in_EHD.shape[1]) if need_b_in else None
+        grad_w_out = w_out_EOI.new_empty(w_out_EOI.shape) if need_w_out else None
+        grad_b_out = w_out_EOI.new_empty(num_experts, w_out_EOI.shape[1]) if need_b_out else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if n == 0:
+                for grad in (grad_w_in, grad_b_in, grad_w_out, grad_b_out):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            gy_nO = grad_y_AO[rows]
+            # The activation's own derivative, whatever the module: autograd over this expert's
+            # rows only, so the recomputed activation never leaves the cache.
+            with torch.enable_grad():
+                h_nH = h_AH[rows].detach().requires_grad_(need_h)
+                a_nI = ctx.activate(h_nH)
+            if need_w_out:
+                torch.mm(gy_nO.T, a_nI.detach(), out=grad_w_out[e])
+            if need_b_out:
+                torch.sum(gy_nO, 0, out=grad_b_out[e])
+            if not need_h:
+                continue
+            (grad_h_nH,) = torch.autograd.grad(a_nI, h_nH, gy_nO @ w_out_EOI[e])
+            if need_w_in:
+                torch.mm(grad_h_nH.T, x_AD[rows], out=grad_w_in[e])
+            if need_b_in:
+                torch.sum(grad_h_nH, 0, out=grad_b_in[e])
+            if need_x:
+                torch.mm(grad_h_nH, w_in_EHD[e], out=grad_x_AD[rows])
+        has_b_in, has_b_out = ctx.has_bias
+        return (
+            grad_x_AD,
+            grad_w_in,
+            grad_b_in if has_b_in else None,
+            grad_w_out,
+            grad_b_out if has_b_out else None,
+            None,
+            None,
+        )
