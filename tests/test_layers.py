@@ -221,6 +221,26 @@ def test_expert_loop_matches_grouped_path(kind: str, bias: bool, case: str, monk
         assert float(looped["w_in"][1:3].abs().max()) == 0.0 and float(looped["w_out"][1:3].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("case", ROUTE_CASES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_expert_loop_without_autograd_matches(kind: str, bias: bool, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference gathers, weights and adds back inside the loop: same output and counts."""
+    packed, _, _ = make_pair(kind, bias)
+    idx_TK, weights_TK = routes(case)
+    x_TD = torch.randn(idx_TK.shape[0], D, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = expert_loop.run_combined
+    monkeypatch.setattr(expert_loop, "run_combined", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        y_TD, counts_E = packed(x_TD, idx_TK, weights_TK)
+    assert calls == [1]
+    trained_TD, trained_counts_E = packed(x_TD, idx_TK, weights_TK)  # the autograd path
+    assert calls == [1] and trained_TD.grad_fn is not None
+    torch.testing.assert_close(y_TD, trained_TD.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(counts_E, trained_counts_E)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_expert_loop_gradcheck(kind: str) -> None:
     """Every gradient of the loop against finite differences (float64), idle expert included."""
