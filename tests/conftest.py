@@ -11,3 +11,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _expert_loop_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, packed experts run expert by expert only above `MIN_INTERMEDIATE_BYTES`, which no
+    tiny test model reaches: lower it so every test runs the loop (with its custom backward), the
+    CPU path of real models. The grouped path is tested where it is forced (tests/test_layers.py)
+    and under autocast."""
+    from moeify.layers import expert_loop
+
+    monkeypatch.setattr(expert_loop, "MIN_INTERMEDIATE_BYTES", 0)

@@ -275,21 +275,24 @@ def test_expert_loop_computes_only_the_gradients_asked_for() -> None:
     assert torch.equal(x_TD.grad, full)
 
 
-def test_expert_loop_runs_only_where_it_can() -> None:
+def test_expert_loop_runs_only_where_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
     packed, _, _ = make_pair("gated", bias=False)
     tensors = (packed.w_in, packed.b_in, packed.w_out, packed.b_out)
     x = torch.zeros(3, D)
-    assert packed._runs_expert_by_expert(x, tensors)
-    assert not packed._runs_expert_by_expert(x.bfloat16(), tensors)  # mixed dtypes
+    # Large enough: the [A, 2*INNER] fp32 intermediate of 100 assignments.
+    monkeypatch.setattr(expert_loop, "MIN_INTERMEDIATE_BYTES", 100 * 2 * INNER * 4)
+    assert packed._runs_expert_by_expert(x, tensors, 100)
+    assert not packed._runs_expert_by_expert(x, tensors, 99)  # fits in cache: the grouped path
+    assert not packed._runs_expert_by_expert(x.bfloat16(), tensors, 100)  # mixed dtypes
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not packed._runs_expert_by_expert(x, tensors)  # autocast picks the projections' dtype
+        assert not packed._runs_expert_by_expert(x, tensors, 100)  # autocast picks the projections' dtype
     packed.mid_dropout = 0.1
     packed.eval()
-    assert packed._runs_expert_by_expert(x, tensors)  # eval: dropout is the identity
+    assert packed._runs_expert_by_expert(x, tensors, 100)  # eval: dropout is the identity
     packed.train()
-    assert not packed._runs_expert_by_expert(x, tensors)  # its mask would have to be replayed in backward
+    assert not packed._runs_expert_by_expert(x, tensors, 100)  # its mask would have to be replayed in backward
     packed.mid_dropout, packed.act = 0.0, nn.SiLU(inplace=True)
-    assert not packed._runs_expert_by_expert(x, tensors)  # backward recomputes from the pre-activation
+    assert not packed._runs_expert_by_expert(x, tensors, 100)  # backward recomputes from the pre-activation
 
 
 def test_grouped_mm_is_chosen_only_where_supported() -> None:

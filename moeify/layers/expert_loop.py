@@ -30,16 +30,27 @@ from torch.autograd.function import once_differentiable
 Activation = Callable[[Tensor], Tensor]  # [n, H] -> [n, I], elementwise per token
 
 
-def applies(x_AD: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module) -> bool:
-    """Whether the expert loop can run this call: a CPU tensor without autocast, one dtype for
-    the tokens and every expert tensor, and an activation that does not write into its input
-    (backward recomputes the activation from the saved pre-activation)."""
-    if x_AD.device.type != "cpu" or torch.is_autocast_enabled("cpu") or getattr(act, "inplace", False):
+# Below this size the grouped path's [A, H] intermediate stays in the last-level cache anyway,
+# and the loop's per-expert small ops (gather, activation, scatter: ~0.1 ms each) only add time.
+# Measured on the 2-core EPYC (32 MB L3), LLM shape: loop/grouped 1.09 forward at 128 tokens
+# ([A, H] 5.8 MB), 1.02 at 512 (23 MB), 0.93 at 1024 (46 MB), 0.92 at 4096 (185 MB).
+MIN_INTERMEDIATE_BYTES = 32 * 2**20
+
+
+def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, assignments: int) -> bool:
+    """Whether the expert loop should run this call: CPU tokens without autocast, one dtype for
+    the tokens and every expert tensor, an activation that does not write into its input
+    (backward recomputes the activation from the saved pre-activation), and an [A, H]
+    intermediate too large for the cache (`MIN_INTERMEDIATE_BYTES`)."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or getattr(act, "inplace", False):
         return False
-    return all(t is None or (t.dtype == x_AD.dtype and t.device.type == "cpu") for t in tensors)
+    if not all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in tensors):
+        return False
+    return assignments * tensors[0].shape[1] * x.element_size() >= MIN_INTERMEDIATE_BYTES
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record this call (then `run`, else `run_combined`)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

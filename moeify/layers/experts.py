@@ -90,12 +90,13 @@ class PackedExperts(nn.Module):
     def _finish(self, y: Tensor) -> Tensor:
         return F.dropout(y, self.out_dropout, self.training) if self.out_dropout else y
 
-    def _runs_expert_by_expert(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
-        """CPU: expert by expert (moeify.layers.expert_loop); elsewhere, or with dropout between
-        the projections in training (its mask would have to be replayed in backward), grouped."""
+    def _runs_expert_by_expert(self, x: Tensor, tensors: tuple[Tensor | None, ...], assignments: int) -> bool:
+        """CPU, large batches: expert by expert (moeify.layers.expert_loop); elsewhere, or with
+        dropout between the projections in training (its mask would have to be replayed in
+        backward), grouped."""
         if self.mid_dropout and self.training:
             return False
-        return expert_loop.applies(x, tensors, self.act)
+        return expert_loop.applies(x, tensors, self.act, assignments)
 
     def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None, expert_A: Tensor, counts_E: Tensor) -> Tensor:
         dtype = compute_dtype(x.device, weight.dtype)
@@ -115,7 +116,7 @@ class PackedExperts(nn.Module):
         weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
         # Read once: under a peft adapter each read of a weight computes W + ΔW afresh.
         tensors = (self.w_in, self.b_in, self.w_out, self.b_out)
-        expert_by_expert = self._runs_expert_by_expert(x_TD, tensors)
+        expert_by_expert = self._runs_expert_by_expert(x_TD, tensors, expert_idx_TK.numel())
         if expert_by_expert and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
             y_TD = expert_loop.run_combined(
                 x_TD, token_A, weight_A1, *tensors, counts_E, self._activation_no_grad, self._finish
