@@ -98,10 +98,36 @@ class DenseTopK(nn.Module):
         return y
 
 
+def _on_expert_weights(dense: nn.Module, layer: MoeLayer, e: int) -> nn.Module:
+    """A copy of `dense` whose weights are views of the layer's expert e (bit-identical values,
+    the same memory the MoE reads)."""
+    ffn, experts = copy.deepcopy(dense), layer.experts
+    w_in, w_out = experts.w_in.detach()[e], experts.w_out.detach()[e]
+    b_in = experts.b_in.detach()[e] if experts.b_in is not None else None
+    b_out = experts.b_out.detach()[e] if experts.b_out is not None else None
+    if isinstance(ffn, SwiGLU):
+        half = w_in.shape[0] // 2
+        pieces = {"gate_proj": (w_in[:half], None), "up_proj": (w_in[half:], None), "down_proj": (w_out, None)}
+        if b_in is not None:
+            pieces = {
+                "gate_proj": (w_in[:half], b_in[:half]),
+                "up_proj": (w_in[half:], b_in[half:]),
+                "down_proj": (w_out, b_out),
+            }
+    else:
+        pieces = {"fc1": (w_in, b_in), "fc2": (w_out, b_out)}
+    for name, (weight, bias) in pieces.items():
+        linear = getattr(ffn, name)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+    return ffn
+
+
 class DensePerExpert(nn.Module):
-    """The decode limit: for each expert the routing hit, a dense FFN with its own copy of the
-    weights (so as many weight bytes are read as the MoE must read) run once on that expert's
-    tokens, gathered beforehand."""
+    """The decode limit: for each expert the routing hit, the dense FFN on that expert's weights
+    (the MoE layer's own memory: as many weight bytes are read as the MoE must read, from the same
+    pages) run once on that expert's tokens, gathered beforehand."""
 
     def __init__(self, dense: nn.Module, layer: MoeLayer, x: Tensor) -> None:
         super().__init__()
@@ -110,7 +136,7 @@ class DensePerExpert(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         self.chunks = [x_TD[(expert_idx_TK == e).any(-1)] for e in range(layer.num_experts)]
         hit = [e for e, chunk in enumerate(self.chunks) if chunk.shape[0]]
-        self.copies = nn.ModuleList(copy.deepcopy(dense) for _ in hit)
+        self.copies = nn.ModuleList(_on_expert_weights(dense, layer, e) for e in hit)
         self.hit = hit
 
     def forward(self, x: Tensor) -> Tensor:  # x is ignored: the chunks were gathered at init
@@ -121,7 +147,8 @@ class DensePerExpert(nn.Module):
 
 
 def transformers_twin(layer: MoeLayer, shape: Shape) -> nn.Module:
-    """`MixtralSparseMoeBlock` with the moeify layer's router and expert weights.
+    """`MixtralSparseMoeBlock` with the moeify layer's router weights (copied) and expert weights
+    (shared).
 
     Mixtral's experts are gated (SwiGLU); for the non-gated DiT MLP its experts are swapped for
     NemotronH's, the one v5 experts class with `has_gate=False` (no biases: compare bias-free).
@@ -159,8 +186,11 @@ def transformers_twin(layer: MoeLayer, shape: Shape) -> nn.Module:
     block = block.to_empty(device=w_in.device).to(w_in.dtype)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.gate.weight)
-        block.experts.get_parameter("gate_up_proj" if shape.gated else "up_proj").copy_(w_in)
-        block.experts.down_proj.copy_(w_out)
+    # The experts share moeify's Parameters (same shapes, same [gate; up] order): both read the
+    # very same memory, so page placement (TLB, first touch) cannot favour either side, which
+    # matters most in the memory-bound decode rows.
+    setattr(block.experts, "gate_up_proj" if shape.gated else "up_proj", w_in)
+    block.experts.down_proj = w_out
     return block
 
 
