@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
 import conversion_bench  # noqa: E402
+import paths_bench  # noqa: E402
 import transformers  # noqa: E402
 from layer_bench import Settings, layer_suite  # noqa: E402
 from models import dit_shape, llm_shape  # noqa: E402
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default 5, quick 2)")
     parser.add_argument("--tokens", type=int, help="tokens per batch (default 4096, quick 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=("layers", "conversion"), help="run one part")
+    parser.add_argument("--only", choices=("layers", "paths", "conversion"), help="run one part")
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the JSON")
     return parser.parse_args(argv)
 
@@ -110,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n[{shape.name}: {info[shape.name]['seconds']} s, load {loadavg()}]\n",
                 flush=True,
             )
+    if args.only in (None, "paths") and device.type == "cpu":
+        t0 = time.perf_counter()
+        counts = [64, 256] if args.quick else [128, 512, 1024, 4096]
+        path_rows, info["cpu_paths"] = paths_bench.path_rows(counts, settings)
+        info["cpu_paths"]["seconds"] = round(time.perf_counter() - t0, 1)
+        rows += path_rows
+        print(
+            format_table(path_rows), f"\n[cpu paths: {info['cpu_paths']['seconds']} s, load {loadavg()}]\n", flush=True
+        )
     if args.only in (None, "conversion"):
         layers = 1 if args.quick else 4
         t0 = time.perf_counter()

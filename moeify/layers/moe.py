@@ -74,7 +74,7 @@ class MoeLayer(nn.Module):
         """fp32 routing: logits_TE, probs_TE, the top-(k+1) probabilities, expert_idx_TK and the
         renormalised weights_TK. The (k+1)-th probability gives the top-k boundary margin."""
         logits_TE = self.router(x_TD, batch_shape)
-        probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
+        probs_TE = torch.softmax(logits_TE / self.temperature if self.temperature != 1.0 else logits_TE, dim=-1)
         top_probs_TK1, top_idx_TK1 = probs_TE.topk(min(self.top_k + 1, self.num_experts), dim=-1)
         top_probs_TK, expert_idx_TK = top_probs_TK1[:, : self.top_k], top_idx_TK1[:, : self.top_k]
         weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)

@@ -35,9 +35,13 @@ class Router(Fp32Module):
     num_experts: int
 
     def forward(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
-        # Routing math in fp32 whatever the autocast state: autocast would run the projections in bf16.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self.logits(x_TD.float(), batch_shape)
+        # Routing math in fp32 whatever the autocast state: autocast would run the projections in
+        # bf16. (Entering the context only when autocast is on: it costs ~30 us per call, 10% of a
+        # decode step's routing.)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                return self.logits(x_TD.float(), batch_shape)
+        return self.logits(x_TD.float(), batch_shape)
 
     def logits(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
         raise NotImplementedError
