@@ -203,7 +203,7 @@ def decode_rows(
     }
     names = ["dense per hit expert"]
     if block is not None:
-        for impl in (*TWIN_IMPLEMENTATIONS, "batched_mm"):
+        for impl in TWIN_IMPLEMENTATIONS:
             name = f"transformers {impl}"
             contenders[name] = forward_only(WithImplementation(block, impl), x)
             names.append(name)
@@ -212,6 +212,24 @@ def decode_rows(
     rows = ratio_rows(
         timings, section="decode", shape=shape.name, mode="fwd", candidate="moeify", baselines=names, targets=targets
     )
+    if block is not None:
+        # batched_mm gathers a weight matrix per assignment (~1 GB here): in its own group, so that
+        # its allocations (page faults, evicted caches) do not land on the contenders after it.
+        batched = "transformers batched_mm"
+        timings = _timed(
+            {"moeify": forward_only(layer, x), batched: forward_only(WithImplementation(block, "batched_mm"), x)},
+            settings,
+            repeats=settings.decode_repeats,
+        )
+        rows += ratio_rows(
+            timings,
+            section="decode",
+            shape=shape.name,
+            mode="fwd",
+            candidate="moeify",
+            baselines=[batched],
+            targets={batched: TARGET_TRANSFORMERS},
+        )
     for row in rows:
         row.note = f"16 tokens, {len(limit.hit)} experts hit"
     return rows

@@ -31,9 +31,11 @@ Activation = Callable[[Tensor], Tensor]  # [n, H] -> [n, I], elementwise per tok
 
 
 # Below this size the grouped path's [A, H] intermediate stays in the last-level cache anyway,
-# and the loop's per-expert small ops (gather, activation, scatter: ~0.1 ms each) only add time.
-# Measured on the 2-core EPYC (32 MB L3), LLM shape: loop/grouped 1.09 forward at 128 tokens
-# ([A, H] 5.8 MB), 1.02 at 512 (23 MB), 0.93 at 1024 (46 MB), 0.92 at 4096 (185 MB).
+# and the loop's per-expert small ops (gather, activation, scatter) only add time. Measured on
+# the 2-core EPYC (32 MB L3), LLM shape, loop ÷ grouped forward / forward+backward: 1.09 / 1.07
+# at 128 tokens ([A, H] 6 MB), 1.01 / 1.01 at 512 (23 MB), 1.00 / 1.02 at 1024 (46 MB),
+# 0.89 / 0.92 at 4096 (185 MB); the loop keeps 39% less for backward at every size
+# (benchmarks/paths_bench.py).
 MIN_INTERMEDIATE_BYTES = 32 * 2**20
 
 
