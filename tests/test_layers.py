@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from core_helpers import INNER, D, logits, tiny_llama, tokens
+from core_helpers import HIDDEN, INNER, D, logits, tiny_llama, tokens
+from host_reads import HostReads
 from torch import Tensor, nn
 
 import moeify
@@ -293,6 +294,23 @@ def test_expert_loop_runs_only_where_it_can(monkeypatch: pytest.MonkeyPatch) -> 
     assert not packed._runs_expert_by_expert(x, tensors, 100)  # its mask would have to be replayed in backward
     packed.mid_dropout, packed.act = 0.0, nn.SiLU(inplace=True)
     assert not packed._runs_expert_by_expert(x, tensors, 100)  # backward recomputes from the pre-activation
+
+
+def test_grouped_path_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole MoE layer forward (routing, losses, counts, grouped dispatch) on the grouped path,
+    the one GPUs take: no value is copied to the host, so nothing waits for the device."""
+    monkeypatch.setattr(expert_loop, "MIN_INTERMEDIATE_BYTES", 1 << 62)
+    model = moeify.moeify(tiny_llama(), num_experts=4, top_k=2)
+    _, layer = moe_layers(model)[0]
+    x = torch.randn(2, 8, HIDDEN)
+    with HostReads() as reads:
+        y = layer(x)
+    assert reads.calls == []
+    monkeypatch.setattr(expert_loop, "MIN_INTERMEDIATE_BYTES", 0)
+    with HostReads() as reads:
+        looped = layer(x)
+    torch.testing.assert_close(looped, y, rtol=1e-6, atol=1e-6)
+    assert reads.calls == ["tolist"]  # the CPU expert loop reads its split sizes once (a CPU memory read)
 
 
 def test_grouped_mm_is_chosen_only_where_supported() -> None:

@@ -10,8 +10,8 @@ import random
 
 import pytest
 import torch
+from host_reads import HostReads
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeify import aux_loss, moe_layers, moeify
@@ -413,21 +413,6 @@ def test_default_monitors_run_and_summarise():
     assert_well_formed(runner.events, summary)
 
 
-class _HostReads(TorchFunctionMode):
-    """Records every call that copies a tensor value to the host."""
-
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_collecting_statistics_adds_no_host_read_to_forward():
     model = tiny_model(top_k=2)
     _, layer = moe_layers(model)[0]
@@ -436,7 +421,7 @@ def test_collecting_statistics_adds_no_host_read_to_forward():
     for collect in (False, True):
         layer.reset_stats()
         layer.collect_stats = collect
-        with _HostReads() as reads:
+        with HostReads() as reads:
             layer(x)
         calls[collect] = reads.calls
     assert calls[True] == calls[False]

@@ -19,8 +19,8 @@ import diffusers
 import pytest
 import tiny_diffusers as td
 import torch
+from host_reads import HostReads
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -336,26 +336,13 @@ def test_gradient_checkpointing_counts_each_forward_once():
         assert torch.equal(counted.long(), layer.tokens_per_expert)
 
 
-class _HostReads(TorchFunctionMode):
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if getattr(func, "__name__", "") in self.READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_counting_adds_no_host_read_to_the_forward():
     model, kwargs = td.pixart()
     moeify(model, **MOE)
     calls = {}
     for watched in (False, True):
         diag = TimestepRouting().attach(model) if watched else None
-        with torch.no_grad(), _HostReads() as reads:
+        with torch.no_grad(), HostReads() as reads:
             model(**kwargs)
         calls[watched] = reads.calls
         if diag is not None:

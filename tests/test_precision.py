@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
+from host_reads import HostReads
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeify as moeify_pkg
@@ -348,19 +348,6 @@ def test_guard_errors_and_scope():
 # ---------------------------------------------------------------- counter and monitor
 
 
-class _HostReads(TorchFunctionMode):
-    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.READS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("method", [None, *GUARDS])
 def test_counter_adds_no_host_read_to_the_step(method):
     calls = {}
@@ -372,7 +359,7 @@ def test_counter_adds_no_host_read_to_the_step(method):
         counter = LostUpdateCounter(optimizer, sample_size=256) if counted else None
         train([w], [grad], optimizer, 1)  # lazy state set up outside the recording
         w.grad = grad.clone()
-        with _HostReads() as reads:
+        with HostReads() as reads:
             optimizer.step()
         calls[counted] = reads.calls
     assert calls[True] == calls[False]
