@@ -133,12 +133,15 @@ def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any
 class MoeifyCheckpoint:
     """moeify's non-parameter state, for `accelerator.register_for_checkpointing`: the conversion
     recipes (checked on load, so a checkpoint is not loaded into a differently converted model) and
-    a monitor runner's step counter and events. Primitives only: accelerate unpickles custom state
-    with `weights_only=False`.
+    a monitor runner's state (`MonitorRunner.state_dict`: step counter, events, and each monitor's
+    streaks, windows and references), so a resumed run raises no event twice and ends with the
+    summary of an uninterrupted one. Primitives only: accelerate unpickles custom state with
+    `weights_only=False`.
 
     Not saved: the routing-statistic buffers. They hold one observation window and are reset by
-    `runner.step()`; save at a window boundary (every step with `every_n_steps=1`). Monitors'
-    internal streaks (dead / deadlocked counters) restart after a resume."""
+    `runner.step()`; save at a window boundary (every step with `every_n_steps=1`). Nor the
+    runner's `history`: its records are already in the sinks. Checkpoints written before the
+    monitors' state was saved (steps and events only) still load; their monitors restart."""
 
     def __init__(self, model: nn.Module, runner: Any = None) -> None:
         self.model, self.runner = model, runner
@@ -152,8 +155,14 @@ class MoeifyCheckpoint:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"format": STATE_FORMAT, "recipes": self._recipes()}
         if self.runner is not None:
-            state["monitor_steps"] = int(self.runner.steps)
-            state["monitor_events"] = json.dumps(self.runner.events, default=str)
+            runner_state = self.runner.state_dict()
+            # Events may carry a custom monitor's non-JSON extras (kept as strings); monitor states
+            # must be JSON (`Monitor.state_dict`), so a violation fails at the save, not at the resume.
+            events = json.dumps(runner_state["events"], default=str)
+            state["monitor_state"] = json.dumps({**runner_state, "events": json.loads(events)})
+            # Steps and events on their own as well, so that an older moeify still reads the checkpoint.
+            state["monitor_steps"] = runner_state["steps"]
+            state["monitor_events"] = events
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -165,7 +174,9 @@ class MoeifyCheckpoint:
                 f"  checkpoint: {state['recipes']}\n  this model: {self._recipes()}\n"
                 "convert the model with the checkpoint's recipe before accelerator.load_state"
             )
-        if self.runner is not None and "monitor_steps" in state:
+        if self.runner is not None and "monitor_state" in state:
+            self.runner.load_state_dict(json.loads(state["monitor_state"]))
+        elif self.runner is not None and "monitor_steps" in state:  # written before monitor_state existed
             self.runner.steps = state["monitor_steps"]
             self.runner.events[:] = json.loads(state["monitor_events"])
 

@@ -87,6 +87,10 @@ class Monitor:
     `observe` returns this step's per-layer metrics ({layer name: {metric: float}}; a model-wide
     metric goes under the key "model") and the events it raises. `summary` returns a
     JSON-serialisable dict. Thresholds are constructor arguments.
+
+    A monitor that keeps state across steps (streaks, windows, references) returns it from
+    `state_dict` and takes it back in `load_state_dict`, so that a resumed run continues exactly
+    as an uninterrupted one would.
     """
 
     name: ClassVar[str] = ""
@@ -99,6 +103,18 @@ class Monitor:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever future `observe` and `summary` results depend on, as JSON-serialisable
+        primitives only (dicts, lists, str, int, float, bool, None; lists of floats for tensors):
+        accelerate unpickles custom checkpoint state, and moeify stores it as a JSON string.
+        Returns new containers (a caller may keep it while the run goes on). Not the constructor
+        arguments: the resumed run builds its monitors with its own."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (possibly through JSON: tuples come back as
+        lists). Called after `attach`, before the first `observe` of the resumed run."""
 
 
 MonitorFactory = Callable[[], Monitor]

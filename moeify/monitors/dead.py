@@ -85,5 +85,21 @@ class DeadExperts(Monitor):
         }
         return {"dead_now": self.num_dead(), "layers": layers}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self.last_step,
+            "streaks": {name: [s.state_dict() for s in streaks] for name, streaks in self._streaks.items()},
+            "ever": {name: sorted(experts) for name, experts in self._ever.items()},
+            "revived": dict(self._revived),
+            "longest": dict(self._longest),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
+        self._streaks = {name: [Streak.from_state(s) for s in streaks] for name, streaks in state["streaks"].items()}
+        self._ever = {name: set(experts) for name, experts in state["ever"].items()}
+        self._revived = dict(state["revived"])
+        self._longest = dict(state["longest"])
+
 
 register_monitor("dead_experts", DeadExperts, default=True)

@@ -48,6 +48,27 @@ class LayerDeadlock:
     def active(self) -> bool:
         return self.streak.active
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth,
+            "streak": self.streak.state_dict(),
+            "expert": self.expert,
+            "deadlocked_steps": self.deadlocked_steps,
+            "observed_steps": self.observed_steps,
+            "episodes": [dict(e) for e in self.episodes],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> LayerDeadlock:
+        return cls(
+            depth=state["depth"],
+            streak=Streak.from_state(state["streak"]),
+            expert=state["expert"],
+            deadlocked_steps=state["deadlocked_steps"],
+            observed_steps=state["observed_steps"],
+            episodes=[dict(e) for e in state["episodes"]],
+        )
+
 
 def dominance(layer: LayerStats) -> tuple[int, float]:
     """The dominant expert and k · its share of the top-k assignments (1 = in every token's top-k)."""
@@ -162,6 +183,19 @@ class Deadlock(Monitor):
             for name, s in self.layers.items()
         }
         return {"model": {"depth_profile": self.depth_profile()}, "layers": layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The depth profile is computed from these on demand: nothing else accumulates.
+        return {
+            "last_step": self.last_step,
+            "num_layers": self._num_layers,
+            "layers": {name: s.state_dict() for name, s in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
+        self._num_layers = state["num_layers"]
+        self.layers = {name: LayerDeadlock.from_state(s) for name, s in state["layers"].items()}
 
 
 def _quadratic_coefficient(x: list[float], y: list[float]) -> float | None:

@@ -144,5 +144,34 @@ class ImbalanceEarlyWarning(Monitor):
         model = {"layers_warned": sum(1 for s in self._layers.values() if s.warnings)}
         return {"model": model, "layers": layers}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: {
+                "xs": list(s.xs),
+                "seen": s.seen,
+                "baseline": list(s.baseline) if s.baseline is not None else None,
+                "count": s.count,
+                "warned": s.warned,
+                "warnings": list(s.warnings),
+                "last": dict(s.last),
+            }
+            for name, s in self._layers.items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._layers = {
+            name: _Layer(
+                # This run's window: a shorter one keeps the latest observations.
+                deque(s["xs"], maxlen=self.window),
+                seen=s["seen"],
+                baseline=tuple(s["baseline"]) if s["baseline"] is not None else None,
+                count=s["count"],
+                warned=s["warned"],
+                warnings=list(s["warnings"]),
+                last=dict(s["last"]),
+            )
+            for name, s in state.items()
+        }
+
 
 register_monitor("imbalance_early_warning", ImbalanceEarlyWarning, default=True)

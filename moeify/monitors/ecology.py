@@ -115,5 +115,21 @@ class Ecology(Monitor):
         }
         return {"model": model, "layers": {name: dict(t) for name, t in self._last.items()}}
 
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "warned": [list(pair) for pair in self._warned],
+            "last": {name: dict(t) for name, t in self._last.items()},
+        }
+        if not self._external:  # a shared DeadExperts is saved by the runner under its own name
+            state["dead"] = self.dead.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A tuple of tuples again: `_warn` compares it with ==.
+        self._warned = tuple((name, e) for name, e in state["warned"])
+        self._last = {name: dict(t) for name, t in state["last"].items()}
+        if not self._external and "dead" in state:
+            self.dead.load_state_dict(state["dead"])
+
 
 register_monitor("ecology", Ecology, default=True)

@@ -144,5 +144,21 @@ class RouterEntropy(Monitor):
         }
         return {"model": model, "layers": layers}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "soft": {name: s.state_dict() for name, s in self._soft.items()},
+            "hard": {name: s.state_dict() for name, s in self._hard.items()},
+            "soft_steps": dict(self._soft_steps),
+            "hard_steps": dict(self._hard_steps),
+            "last": {name: dict(m) for name, m in self._last.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._soft = {name: Streak.from_state(s) for name, s in state["soft"].items()}
+        self._hard = {name: Streak.from_state(s) for name, s in state["hard"].items()}
+        self._soft_steps = dict(state["soft_steps"])
+        self._hard_steps = dict(state["hard_steps"])
+        self._last = {name: dict(m) for name, m in state["last"].items()}
+
 
 register_monitor("router_entropy", RouterEntropy, default=True)

@@ -185,5 +185,41 @@ class ExpertHomogenization(Monitor):
         model = {"homogeneous_layers": sum(1 for v in layers.values() if v["homogeneous"]), "last_read": self._last_read}
         return {"model": model, "layers": layers}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The attach-time reference (fp32 fingerprints as floats: exact through JSON) and the
+        coordinates it samples: after a resume `attach` would take the trained experts instead.
+        Size: E · sample_size floats per layer."""
+        return {
+            "last_read": self._last_read,
+            "indices": {name: [i.tolist() for i in idx] for name, idx in self._indices.items()},
+            "start": {name: start_EM.tolist() for name, start_EM in self._start.items()},
+            "count": dict(self._count),
+            "flagged": dict(self._flagged),
+            "last": {name: dict(m) for name, m in self._last.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """After `attach`: the tensors go to the devices of the references `attach` took."""
+        if self._start and set(state["start"]) != set(self._start):
+            raise ValueError(
+                f"expert_homogenization state is for layers {sorted(state['start'])}, this model has "
+                f"{sorted(self._start)}: load it into the model it was saved from"
+            )
+        indices, start = {}, {}
+        for name, saved in state["start"].items():
+            device = self._start[name].device if name in self._start else None
+            start[name] = torch.tensor(saved, dtype=torch.float32, device=device)
+            indices[name] = [torch.tensor(i, dtype=torch.long, device=device) for i in state["indices"][name]]
+            if name in self._start and start[name].shape != self._start[name].shape:
+                raise ValueError(
+                    f"expert_homogenization state of {name} holds fingerprints of shape {tuple(start[name].shape)}, "
+                    f"this model's are {tuple(self._start[name].shape)}: load it into the model it was saved from"
+                )
+        self._indices, self._start = indices, start
+        self._last_read = state["last_read"]
+        self._count = dict(state["count"])
+        self._flagged = dict(state["flagged"])
+        self._last = {name: dict(m) for name, m in state["last"].items()}
+
 
 register_monitor("expert_homogenization", ExpertHomogenization, default=True)

@@ -41,5 +41,12 @@ class ExpertLoad(Monitor):
             for name, m in self._last.items()
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": {name: dict(m) for name, m in self._last.items()}, "worst_cv": dict(self._worst_cv)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._last = {name: dict(m) for name, m in state["last"].items()}
+        self._worst_cv = dict(state["worst_cv"])
+
 
 register_monitor("expert_load", ExpertLoad, default=True)

@@ -86,5 +86,19 @@ class LostUpdates(Monitor):
         model = {"lost_fraction": lost / intended if intended else 0.0, "intended": intended, "lost": lost}
         return {"model": model, "last": self._last, "flagged": self._flagged}
 
+    def state_dict(self) -> dict[str, Any]:
+        # The counter's device counts hold one window and are reset by each observation; its
+        # sampled indices come from its seed, so the resumed run draws the same ones.
+        return {
+            "flagged": self._flagged,
+            "totals": list(self._totals),
+            "last": {name: dict(m) for name, m in self._last.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._flagged = state["flagged"]
+        self._totals = list(state["totals"])
+        self._last = {name: dict(m) for name, m in state["last"].items()}
+
 
 register_monitor("lost_updates", LostUpdates, default=False)

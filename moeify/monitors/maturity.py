@@ -116,5 +116,21 @@ class SharedMaturity(Monitor):
         }
         return {"model": model, "layers": layers}
 
+    def state_dict(self) -> dict[str, Any]:
+        # `_has_shared` is read from the model again on the first observation.
+        state: dict[str, Any] = {
+            "layers": {name: {**s, "episodes": [dict(e) for e in s["episodes"]]} for name, s in self._layers.items()}
+        }
+        if not self._external:  # a shared Deadlock is saved by the runner under its own name
+            state["deadlock"] = self.deadlock.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._layers = {
+            name: {**s, "episodes": [dict(e) for e in s["episodes"]]} for name, s in state["layers"].items()
+        }
+        if not self._external and "deadlock" in state:
+            self.deadlock.load_state_dict(state["deadlock"])
+
 
 register_monitor("shared_maturity", SharedMaturity, default=True)

@@ -18,6 +18,8 @@ from moeify.convert import moe_layers
 from moeify.layers.moe import MoeLayer
 from moeify.monitors.base import DEFAULT_MONITORS, Event, LayerStats, Monitor, StepStats, build_monitor
 
+STATE_FORMAT = 1
+
 
 class Sink(Protocol):
     """Where a runner's records go. `write` gets each step's record, `close` the summary."""
@@ -109,6 +111,59 @@ class MonitorRunner:
             "monitors": {m.name: m.summary() for m in self.monitors},
             "events": len(self.events),
         }
+
+    def _monitor_keys(self) -> list[str]:
+        """Each monitor's name; a repeated name gets "#2", "#3", ... in list order."""
+        keys, seen = [], {}
+        for monitor in self.monitors:
+            seen[monitor.name] = seen.get(monitor.name, 0) + 1
+            keys.append(monitor.name if seen[monitor.name] == 1 else f"{monitor.name}#{seen[monitor.name]}")
+        return keys
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter, the events and every monitor's state, as JSON-serialisable data.
+
+        Not `history`: every record has already gone to the sinks, it grows with the run, and no
+        summary or future event reads it; after a resume it holds the resumed run's records."""
+        return {
+            "format": STATE_FORMAT,
+            "steps": self.steps,
+            "layers": [name for name, _ in self.layers],
+            "events": [dict(e) for e in self.events],
+            "monitors": {key: m.state_dict() for key, m in zip(self._monitor_keys(), self.monitors)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` (of a runner attached to the same model with the same
+        monitors): later records, events and the summary are those of an uninterrupted run.
+        Refused before anything changes when the monitors or the MoE layers differ."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a MonitorRunner state (format {STATE_FORMAT}): {type(state).__name__}")
+        saved, now = sorted(state["monitors"]), sorted(self._monitor_keys())
+        if saved != now:
+            raise ValueError(
+                "this runner's monitors differ from the saved runner's:\n"
+                f"  saved: {saved}\n  now:   {now}\n"
+                f"missing now: {sorted(set(saved) - set(now))}, not saved: {sorted(set(now) - set(saved))}; "
+                "attach the same monitors (attach_monitors(model, monitors=[...])) before loading"
+            )
+        layers = [name for name, _ in self.layers]
+        if state["layers"] != layers:
+            raise ValueError(
+                f"the saved runner watched the MoE layers {state['layers']}, this one watches {layers}: "
+                "load the state into a runner on the model it was saved from"
+            )
+        before = [m.state_dict() for m in self.monitors]
+        try:
+            for key, monitor in zip(self._monitor_keys(), self.monitors):
+                monitor.load_state_dict(state["monitors"][key])
+        except Exception:
+            # A monitor refused its state (other settings, e.g. num_buckets): undo the ones loaded.
+            for monitor, own in zip(self.monitors, before):
+                monitor.load_state_dict(own)
+            raise
+        self.steps = int(state["steps"])
+        self.events[:] = [dict(e) for e in state["events"]]
 
     def close(self) -> dict[str, Any]:
         """Detach from the model and optimizer, flush sinks; returns the summary."""

@@ -9,7 +9,8 @@ with the resolution of one observation window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass
@@ -33,3 +34,10 @@ class Streak:
         was_active, self.ended_steps = self.active, self.steps
         self.steps, self.since, self.active = 0, None, False
         return "end" if was_active else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Streak:
+        return cls(**state)

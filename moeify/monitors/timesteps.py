@@ -263,6 +263,21 @@ class TimestepRouting(Monitor):
             ],
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        # The device buffers hold one window, consumed by each observation: only the total remains.
+        return {"total": self._total.tolist() if self._total is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        total = state["total"]
+        if total is not None and self._layers:
+            expected = self.num_buckets * (TIME_COLUMNS + sum(2 * layer.num_experts + 4 for _, layer in self._layers))
+            if len(total) != expected:
+                raise ValueError(
+                    f"timestep_routing state holds {len(total)} totals, this monitor counts {expected} "
+                    "(num_buckets or the MoE layers differ): load it with the settings and model it was saved with"
+                )
+        self._total = torch.tensor(total, dtype=torch.float64) if total is not None else None
+
 
 def _layer_stats(name: str, depth: int, layer: MoeLayer, row: list[float]) -> LayerStats:
     e = layer.num_experts
