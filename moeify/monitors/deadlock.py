@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, event, register_monitor
 from moeify.monitors.streak import Streak
 
@@ -199,13 +197,28 @@ class Deadlock(Monitor):
 
 
 def _quadratic_coefficient(x: list[float], y: list[float]) -> float | None:
-    """c of the least-squares fit y = a + b x + c x², or None with fewer than 3 distinct depths."""
+    """c of the least-squares fit y = a + b x + c x², or None with fewer than 3 distinct depths.
+
+    Plain Python on the normal equations (Cramer's rule), so the same data always gives the same
+    bits (LAPACK's lstsq varied in the last bits between calls). Centring x leaves c unchanged and
+    keeps the 3x3 system well conditioned at any depth."""
     if len(set(x)) < 3:
         return None
-    xs = torch.tensor(x, dtype=torch.float64)
-    design = torch.stack([torch.ones_like(xs), xs, xs * xs], dim=1)
-    solution = torch.linalg.lstsq(design, torch.tensor(y, dtype=torch.float64).unsqueeze(1)).solution
-    return float(solution[2, 0])
+    mean = sum(x) / len(x)
+    u = [xi - mean for xi in x]
+    s = [sum(ui**k for ui in u) for k in range(5)]
+    t = [sum(yi * ui**k for ui, yi in zip(u, y)) for k in range(3)]
+    normal = [[s[0], s[1], s[2]], [s[1], s[2], s[3]], [s[2], s[3], s[4]]]
+    with_t = [row[:2] + [t[i]] for i, row in enumerate(normal)]
+    return _det3(with_t) / _det3(normal)
+
+
+def _det3(m: list[list[float]]) -> float:
+    return (
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    )
 
 
 register_monitor("deadlock", Deadlock, default=True)
