@@ -22,3 +22,20 @@ def _expert_loop_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     from moeify.layers import expert_loop
 
     monkeypatch.setattr(expert_loop, "MIN_INTERMEDIATE_BYTES", 0)
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
+    """accelerate keeps process-wide singletons and reads ACCELERATE_* variables: a test that
+    builds an Accelerator starts and ends without either."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))] + ["WORLD_SIZE"]:
+        monkeypatch.delenv(key, raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

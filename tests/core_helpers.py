@@ -1,5 +1,6 @@
-"""Shared by the core tests (config, errors, find, layers): a tiny Llama, plain nn.Module stacks
-around custom FFN classes, and the "untouched" snapshot a failed conversion must leave equal."""
+"""Shared by the tests: the tiny Llama config every test file builds on, a converted Llama for the
+monitor tests, a denoiser-like toy with a `timestep` argument, plain nn.Module stacks around
+custom FFN classes, and the "untouched" snapshot a failed conversion must leave equal."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from moeify import moeify
 
 VOCAB, HIDDEN, INTERMEDIATE = 100, 32, 64
-LLAMA = {
+TINY_LLAMA = {
     "hidden_size": HIDDEN,
     "intermediate_size": INTERMEDIATE,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "vocab_size": VOCAB,
+}
+LLAMA = TINY_LLAMA | {
     "max_position_embeddings": 64,
     "pad_token_id": 0,
     "bos_token_id": 1,
@@ -119,3 +124,29 @@ def assert_untouched(model: nn.Module, before: Snapshot) -> None:
     for name, param in model.named_parameters():
         if not param.is_meta:
             assert param.untyped_storage().nbytes() == param.numel() * param.element_size(), name
+
+
+def llama_config(**extra) -> PretrainedConfig:
+    """The tiny Llama config (2 layers, hidden 32, vocab 100) with `extra` fields on top."""
+    return AutoConfig.for_model("llama", **TINY_LLAMA | extra)
+
+
+def monitored_llama(layers: int = 4, **recipe) -> nn.Module:
+    """The monitor tests' model: a converted 4-layer Llama, 4 experts, top-1, small balance and
+    entropy weights (so E = 1 for the ecology monitor)."""
+    config = llama_config(num_hidden_layers=layers, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    defaults = {"num_experts": 4, "top_k": 1, "entropy_loss_weight": 0.01, "balance_loss_weight": 0.01}
+    return moeify(model, **defaults | recipe)
+
+
+class TimestepToy(nn.Module):
+    """A denoiser-like model: an FFN that sees whatever tokens it is given, next to a `timestep`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
+        return self.ff(x)

@@ -5,7 +5,6 @@ resume. Multi-process behaviour is in tests/test_distributed.py."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,8 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
-from transformers import AutoConfig, AutoModelForCausalLM
+from core_helpers import llama_config
+from transformers import AutoModelForCausalLM
 
 import moeify
 from moeify.integrations import accelerate as integration
@@ -26,15 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "integrations" / "accelerate"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate(monkeypatch):
-    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))] + ["WORLD_SIZE"]:
-        monkeypatch.delenv(key, raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def launcher_env(name: str) -> tuple[object, dict[str, str]]:
@@ -114,10 +106,7 @@ def test_check_launch_refuses_independent_workers(monkeypatch):
 
 
 def _llama(**overrides) -> torch.nn.Module:
-    config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )
+    config = llama_config()
     torch.manual_seed(0)
     return moeify.moeify(AutoModelForCausalLM.from_config(config), num_experts=4, **overrides)
 

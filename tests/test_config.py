@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from core_helpers import llama_config
+from transformers import AutoModelForCausalLM
 
 from moeify import MoeifyConfig, moeify
 from moeify.config import CONFIG_VERSION
@@ -183,16 +184,7 @@ def test_replace() -> None:
 
 def _tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(llama_config())
 
 
 def test_bad_override_raises_before_touching_the_model() -> None:

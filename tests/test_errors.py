@@ -9,9 +9,9 @@ import re
 import peft
 import pytest
 import torch
-from core_helpers import GatedMLP, Stack, assert_untouched, snapshot, stack_input, tiny_llama
+from core_helpers import GatedMLP, Stack, assert_untouched, llama_config, snapshot, stack_input, tiny_llama
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import moeify
 from moeify import (
@@ -165,17 +165,7 @@ def test_peft_adapter_on_the_mlp_is_refused() -> None:
 
 def test_meta_model_needs_verify_false() -> None:
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(
-                "llama",
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=100,
-            )
-        )
+        model = AutoModelForCausalLM.from_config(llama_config())
     before = snapshot(model)
     with pytest.raises(ConversionError, match=r"model.layers.0.mlp is on the meta device.*pass verify=False"):
         moeify.moeify(model, num_experts=4)

@@ -17,10 +17,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from core_helpers import llama_config
 from hub_server import HubServer
 from huggingface_hub import ModelCard, constants
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import moeify
 from moeify.cli import main
@@ -37,10 +38,7 @@ IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def tiny_llama(**recipe) -> torch.nn.Module:
-    config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=100, max_position_embeddings=64,
-    )
+    config = llama_config(head_dim=8, max_position_embeddings=64)
     torch.manual_seed(0)
     return moeify.moeify(AutoModelForCausalLM.from_config(config), **{"num_experts": 4, "top_k": 2, "seed": 1, **recipe})
 

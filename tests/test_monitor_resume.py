@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState
+from core_helpers import TimestepToy, monitored_llama
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from moeify import aux_loss, moe_layers, moeify
 from moeify.integrations import accelerate as integration
@@ -39,14 +38,7 @@ from moeify.monitors import (
 OUTER = ("model.layers.0.mlp", "model.layers.3.mlp")  # the layers the router bias deadlocks
 
 
-def tiny_model(layers: int = 4, **overrides: Any) -> nn.Module:
-    config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=100,
-    )
-    torch.manual_seed(0)
-    recipe = {"num_experts": 4, "top_k": 1, "entropy_loss_weight": 0.01, "balance_loss_weight": 0.01}
-    return moeify(AutoModelForCausalLM.from_config(config), **{**recipe, **overrides})
+tiny_model = monitored_llama
 
 
 def lm_loss(model: nn.Module, step: int) -> Tensor:
@@ -54,20 +46,9 @@ def lm_loss(model: nn.Module, step: int) -> Tensor:
     return model(input_ids=ids, labels=ids).loss + aux_loss(model)
 
 
-class _Toy(nn.Module):
-    """A denoiser-like model: an FFN next to a `timestep` argument."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ff = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-
-    def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
-        return self.ff(x)
-
-
 def toy_model() -> nn.Module:
     torch.manual_seed(0)
-    return moeify(_Toy(), target_modules=["ff"], num_experts=4, top_k=1, router_init_std=1.0)
+    return moeify(TimestepToy(), target_modules=["ff"], num_experts=4, top_k=1, router_init_std=1.0)
 
 
 def toy_loss(model: nn.Module, step: int) -> Tensor:
@@ -346,17 +327,6 @@ def test_a_monitor_refusing_its_state_undoes_the_others():
 
 
 # ---------------------------------------------------------------- through accelerate
-
-
-@pytest.fixture
-def fresh_accelerate(monkeypatch):
-    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))] + ["WORLD_SIZE"]:
-        monkeypatch.delenv(key, raising=False)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _accelerate_run(tmp_path: Path, steps: int, *, save_at: int | None = None, resume: bool = False):

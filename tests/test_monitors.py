@@ -10,11 +10,11 @@ import random
 
 import pytest
 import torch
+from core_helpers import monitored_llama
 from host_reads import HostReads
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from moeify import aux_loss, moe_layers, moeify
+from moeify import aux_loss, moe_layers
 from moeify.layers.experts import ModuleExperts
 from moeify.monitors import (
     DeadExperts,
@@ -281,14 +281,7 @@ def test_fingerprint_samples_large_experts():
 
 
 def tiny_model(**overrides):
-    config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=100,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    recipe = {"num_experts": 4, "top_k": 1, "entropy_loss_weight": 0.01, "balance_loss_weight": 0.01}
-    return moeify(model, **{**recipe, **overrides})
+    return monitored_llama(**overrides)
 
 
 def train(model, optimizer, steps, generator):

@@ -19,6 +19,7 @@ import diffusers
 import pytest
 import tiny_diffusers as td
 import torch
+from core_helpers import TimestepToy
 from host_reads import HostReads
 from torch import Tensor, nn
 from transformers import (
@@ -400,19 +401,8 @@ def test_misuse_is_refused_or_warned():
             diag.read()
 
 
-class _Toy(nn.Module):
-    """A model whose FFN sees whatever tokens it is given, next to a positional `timestep`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ff = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-
-    def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
-        return self.ff(x)
-
-
 def test_positional_timesteps_and_tokens_that_do_not_split():
-    toy = moeify(_Toy(), target_modules=["ff"], num_experts=4, top_k=1)
+    toy = moeify(TimestepToy(), target_modules=["ff"], num_experts=4, top_k=1)
     diag = TimestepRouting(num_buckets=4).attach(toy)
     with torch.no_grad():
         toy(torch.randn(2, 5, 8), torch.tensor([100, 600]))  # positional timestep, per sample
@@ -426,4 +416,4 @@ def test_positional_timesteps_and_tokens_that_do_not_split():
         with pytest.raises(RuntimeError, match="10 tokens but the forward got 3 timesteps"):
             toy(torch.randn(2, 5, 8), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="no `step` argument"):
-        TimestepRouting(arg="step").attach(moeify(_Toy(), target_modules=["ff"], num_experts=2, top_k=1))
+        TimestepRouting(arg="step").attach(moeify(TimestepToy(), target_modules=["ff"], num_experts=2, top_k=1))

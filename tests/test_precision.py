@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
+from core_helpers import llama_config
 from host_reads import HostReads
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import moeify as moeify_pkg
 from moeify import aux_loss, check_bf16, guard_bf16, moe_layers, moeify
@@ -33,10 +34,7 @@ def tiny_llama(*, experts: bool = True) -> nn.Module:
     """2-layer Llama, init std 0.02; FFN weights with |w| in [0.01, 0.03] (the "|w| ≈ 0.02" of
     upcycled experts: N(0, 0.02) would leave 15% of the elements small enough to move at lr 1e-5)."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, initializer_range=0.02,
-    )  # fmt: skip
+    config = llama_config(max_position_embeddings=64, initializer_range=0.02)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -373,14 +373,12 @@ def test_plain_loaders_fail_loudly(tmp_path: Path) -> None:
 
 
 def test_base_model_name_survives_the_round_trip(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from core_helpers import llama_config
+    from transformers import AutoModelForCausalLM
 
     import moeify as moeify_pkg
 
-    cfg = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )
+    cfg = llama_config(num_hidden_layers=1)
     model = AutoModelForCausalLM.from_config(cfg)
     model.config._name_or_path = "meta-llama/Llama-3.2-1B"
     moeify_pkg.moeify(model, num_experts=2, top_k=1)

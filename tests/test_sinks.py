@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from core_helpers import llama_config
+from transformers import AutoModelForCausalLM
 
 from moeify import aux_loss, moeify
 from moeify.monitors import attach_monitors
@@ -16,10 +17,7 @@ from moeify.sinks import AccelerateSink, ConsoleSink, JsonlSink, read_run
 
 
 def _model():
-    cfg = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )
+    cfg = llama_config()
     torch.manual_seed(0)
     return moeify(AutoModelForCausalLM.from_config(cfg), num_experts=4)
 
