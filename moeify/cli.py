@@ -28,6 +28,7 @@ from torch import nn
 
 from moeify.config import MoeifyConfig
 from moeify.convert import parameter_counts
+from moeify.hub.local import detect, load_dense
 from moeify.layers.routers import router_kinds
 
 EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -81,77 +82,6 @@ def _recipe(args: argparse.Namespace) -> MoeifyConfig:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading checkpoints
-
-
-def detect(path: Path) -> tuple[str, str | None]:
-    """(library, class name) of a checkpoint directory: "moeify", "transformers" or "diffusers"."""
-    from moeify.hub.save import MOEIFY_CONFIG
-
-    if not path.exists():
-        raise CliError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise CliError(f"{path} is a file: give the model directory (the one holding config.json)")
-    if (path / MOEIFY_CONFIG).is_file():
-        return "moeify", None
-    if (path / "model_index.json").is_file():
-        raise CliError(f"{path} is a diffusers pipeline: give one of its model folders, e.g. {path / 'transformer'}")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CliError(f"{path} has no config.json: not a transformers or diffusers model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CliError(f"{config_path} is not valid JSON: {error}") from None
-    if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
-        return "diffusers", config["_class_name"]
-    if isinstance(config, dict) and isinstance(config.get("model_type"), str):
-        architectures = config.get("architectures") or [None]
-        return "transformers", architectures[0]
-    raise CliError(f"{config_path} has neither `model_type` (transformers) nor `_class_name` (diffusers)")
-
-
-def _model_class(library: str, class_name: str | None) -> type:
-    module = __import__(library)
-    cls = getattr(module, class_name, None) if class_name else None
-    if library == "transformers" and cls is None:
-        return module.AutoModel  # no (known) `architectures`: the base model
-    if cls is None:
-        raise CliError(f"diffusers {module.__version__} has no model class {class_name}")
-    return cls
-
-
-def _require_safetensors(path: Path) -> None:
-    if not any(path.glob("*.safetensors")):
-        raise CliError(
-            f"{path} has no .safetensors weights; moeify never unpickles (.bin/.pt can run code): "
-            "convert the checkpoint to safetensors first"
-        )
-
-
-def load_dense(path: Path, library: str, class_name: str | None, *, empty: bool) -> nn.Module:
-    """The dense model of a checkpoint directory; `empty`: built from its config on the meta
-    device (no weights read), enough for a dry run."""
-    from accelerate import init_empty_weights
-
-    cls = _model_class(library, class_name)
-    if library == "transformers":
-        if empty:
-            import transformers
-
-            config = transformers.AutoConfig.from_pretrained(path)
-            with init_empty_weights():
-                return cls.from_config(config) if hasattr(cls, "_model_mapping") else cls._from_config(config)
-        _require_safetensors(path)
-        return cls.from_pretrained(path, use_safetensors=True)
-    if empty:
-        with init_empty_weights():
-            return cls.from_config(cls.load_config(path))
-    _require_safetensors(path)
-    return cls.from_pretrained(path, use_safetensors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 transformers MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that plain
 `AutoModelForCausalLM.from_pretrained(directory)` loads, with the moeify model's logits.
 
-Check everything, then write: the checkpoint goes to a temporary sibling directory, is reloaded
+Check everything (moeify.hub.export_formats: what each format can hold and every refusal), then
+write: the checkpoint goes to a temporary sibling directory, is reloaded
 with plain transformers and compared, and only then moved into place; a refused or failed export
 leaves no directory behind. Routing is softmax → top-k → renormalise in moeify and in all three
 targets (`norm_topk_prob=True`). What maps, exactly:
@@ -22,13 +23,10 @@ Shape legend: D model dim, I expert intermediate dim, E experts, S shared expert
 from __future__ import annotations
 
 import copy
-import math
 import os
-import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,155 +34,29 @@ import torch
 from torch import Tensor, nn
 
 from moeify.convert import moe_layers
-from moeify.layers.experts import PackedExperts
+from moeify.hub.export_formats import (
+    BASES,
+    FORMATS,
+    ExportError,
+    ExportFormat,
+    MoeShape,
+    check_model,
+    check_shapes,
+    is_zero,
+    refuse,
+)
 from moeify.layers.moe import MoeLayer
-from moeify.layers.routers.linear import LinearRouter
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-class ExportError(ValueError):
-    """The model cannot be written exactly in the requested native format; the message says why."""
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """What one native MoE family can hold, as data."""
-
-    experts_field: str  # the config field holding E
-    shared_expert: bool  # Qwen2-MoE's sigmoid-gated shared expert
-    dense_layers: bool  # `mlp_only_layers`: some layers may stay dense
-    bias_field: str | None  # the config flag that gives attention projections a bias
-
-
-FORMATS: dict[str, ExportFormat] = {  # by model_type
-    "mixtral": ExportFormat("num_local_experts", shared_expert=False, dense_layers=False, bias_field=None),
-    "qwen2_moe": ExportFormat("num_experts", shared_expert=True, dense_layers=True, bias_field="qkv_bias"),
-    "qwen3_moe": ExportFormat("num_experts", shared_expert=False, dense_layers=True, bias_field="attention_bias"),
-}
-# Decoders whose blocks are pre-norm RMSNorm + rotary attention + SwiGLU MLP at `model.layers.N.mlp`,
-# with the same parameter names as the targets. Other parts (q/k norms, biases) are matched by name.
-BASES = ("llama", "mistral", "qwen2", "qwen3")
 # Base config fields the targets read under the same names and meanings.
 COPIED_FIELDS = tuple(
     "vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads hidden_act "
     "max_position_embeddings initializer_range rms_norm_eps tie_word_embeddings rope_parameters "
     "attention_dropout pad_token_id bos_token_id eos_token_id".split()
 )
-_SITE = re.compile(r"model\.layers\.(\d+)\.mlp")
-
-
-@dataclass(frozen=True)
-class MoeShape:
-    """What every MoE layer must share: the native formats have one of each per model."""
-
-    num_experts: int
-    top_k: int
-    intermediate_size: int
-    num_shared: int
-    temperature: float
-
-
-def _refuse(fmt: str, reason: str) -> ExportError:
-    return ExportError(f"moeify.export(format={fmt!r}): {reason}")
-
-
-def _check_model(model: nn.Module, fmt: str) -> dict[int, MoeLayer]:
-    """The base family and the MoE layers by block index; refuses what is not a supported moeify LM."""
-    if fmt not in FORMATS:
-        raise ExportError(f"moeify.export: unknown format {fmt!r}; supported formats: {sorted(FORMATS)}")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in BASES:
-        raise _refuse(
-            fmt,
-            f"the base model {type(model).__name__} (model_type={model_type!r}) is not supported; export "
-            f"writes causal LMs of the Llama family ({', '.join(BASES)}) with SwiGLU MLPs",
-        )
-    if not type(model).__name__.endswith("ForCausalLM"):
-        raise _refuse(fmt, f"export needs the causal LM (e.g. LlamaForCausalLM), not {type(model).__name__}")
-    layers: dict[int, MoeLayer] = {}
-    for name, layer in moe_layers(model):
-        match = _SITE.fullmatch(name)
-        if match is None:
-            raise _refuse(
-                fmt, f"MoE layer {name!r} is not a decoder MLP (model.layers.N.mlp); the formats have no place for it"
-            )
-        layers[int(match.group(1))] = layer
-    if not layers:
-        raise _refuse(fmt, f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
-    return layers
-
-
-def _zero(tensors: list[Tensor | None]) -> bool:
-    return all(t is None or not bool(t.detach().count_nonzero()) for t in tensors)
-
-
-def _check_experts(fmt: str, name: str, experts: nn.Module, act_type: type) -> None:
-    if not isinstance(experts, PackedExperts) or not experts.gated:
-        kind = type(experts).__name__ if not isinstance(experts, PackedExperts) else "a non-gated (act(W x)) MLP"
-        raise _refuse(fmt, f"{name} holds {kind}; the native formats hold gated SwiGLU experts only")
-    if type(experts.act) is not act_type:
-        raise _refuse(
-            fmt,
-            f"{name} uses activation {type(experts.act).__name__}, but the config's hidden_act gives {act_type.__name__}",
-        )
-    if not _zero([experts.b_in, experts.b_out]):
-        raise _refuse(fmt, f"{name} has nonzero biases; the native experts have no biases")
-
-
-def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeShape:
-    from transformers.activations import ACT2FN
-
-    if not isinstance(layer.router, LinearRouter):
-        raise _refuse(
-            fmt,
-            f"{name} has a {type(layer.router).__name__}; the native formats route with one linear gate "
-            "(convert with router='linear')",
-        )
-    act_type = type(ACT2FN[hidden_act])
-    _check_experts(fmt, f"{name}.experts", layer.experts, act_type)
-    num_shared = 0
-    if layer.shared_experts is not None:
-        _check_experts(fmt, f"{name}.shared_experts", layer.shared_experts, act_type)
-        num_shared = layer.shared_experts.num_experts
-    mantissa, _ = math.frexp(layer.temperature)
-    if mantissa != 0.5:
-        raise _refuse(
-            fmt,
-            f"{name} has router_temperature={layer.temperature}; the native routers have no temperature and "
-            "only a power of two folds exactly into the router weight",
-        )
-    return MoeShape(layer.num_experts, layer.top_k, layer.experts.w_out.shape[-1], num_shared, layer.temperature)
-
-
-def _check_shapes(fmt: str, base_config: PretrainedConfig, layers: dict[int, MoeLayer]) -> tuple[MoeShape, list[int]]:
-    """One MoeShape for all layers, and the block indices left dense."""
-    distinct = {
-        _layer_shape(fmt, f"model.layers.{i}.mlp", layer, base_config.hidden_act) for i, layer in layers.items()
-    }
-    if len(distinct) > 1:
-        raise _refuse(
-            fmt, f"the MoE layers differ ({sorted(distinct, key=str)}); the native formats have one shape per model"
-        )
-    shape = distinct.pop()
-    dense = [i for i in range(base_config.num_hidden_layers) if i not in layers]
-    target = FORMATS[fmt]
-    if dense and not target.dense_layers:
-        raise _refuse(
-            fmt,
-            f"layers {dense} were left dense and {fmt} has only MoE layers; convert every layer, or use "
-            "format='qwen2_moe' / 'qwen3_moe' (their mlp_only_layers hold dense layers)",
-        )
-    if shape.num_shared and not target.shared_expert:
-        nonzero = [i for i, layer in layers.items() if not _zero(layer.shared_experts.output_parameters())]
-        if nonzero:
-            raise _refuse(
-                fmt,
-                f"layers {nonzero} have {shape.num_shared} shared expert(s) with nonzero weights and {fmt} has no "
-                "shared expert; use a format with one (qwen2_moe), or convert with num_shared_experts=0",
-            )
-    return shape, dense
 
 
 def _windows(config: PretrainedConfig) -> list[int | None]:
@@ -200,7 +72,7 @@ def _windows(config: PretrainedConfig) -> list[int | None]:
 def _window_fields(fmt: str, windows: list[int | None]) -> dict:
     sizes = sorted({w for w in windows if w is not None})
     if len(sizes) > 1:
-        raise _refuse(fmt, f"the layers use different sliding windows {sizes}; the native formats have one")
+        raise refuse(fmt, f"the layers use different sliding windows {sizes}; the native formats have one")
     size = sizes[0] if sizes else None
     if fmt == "mixtral":
         return {"sliding_window": size}
@@ -239,7 +111,7 @@ def _target_config(
         fields[target.bias_field] = any(k.endswith("self_attn.q_proj.bias") for k in keys)
     config = AutoConfig.for_model(fmt, **fields)
     if _windows(config) != _windows(base):
-        raise _refuse(fmt, f"the attention windows per layer {_windows(base)} cannot be expressed in {fmt}")
+        raise refuse(fmt, f"the attention windows per layer {_windows(base)} cannot be expressed in {fmt}")
     return config
 
 
@@ -293,12 +165,12 @@ def _target_state(
             absent.append(key if value is None else f"{key} {tuple(value.shape)} vs {tuple(meta.shape)}")
         state[key] = value
     if absent:
-        raise _refuse(
+        raise refuse(
             fmt, f"{fmt} needs tensors the {model.config.model_type} model has no exact match for: {absent[:4]}"
         )
-    extra = [k for k, v in base.items() if k not in state and not _zero([v])]
+    extra = [k for k, v in base.items() if k not in state and not is_zero([v])]
     if extra:
-        raise _refuse(fmt, f"{fmt} has no place for these {model.config.model_type} tensors: {extra[:4]}")
+        raise refuse(fmt, f"{fmt} has no place for these {model.config.model_type} tensors: {extra[:4]}")
     return state
 
 
@@ -318,8 +190,8 @@ def _build_native(model: nn.Module, format: str) -> nn.Module:
     rotary buffers stay on the meta device, so use it to save, not to run). Raises ExportError."""
     from transformers import AutoModelForCausalLM
 
-    layers = _check_model(model, format)
-    shape, dense = _check_shapes(format, model.config, layers)
+    layers = check_model(model, format)
+    shape, dense = check_shapes(format, model.config, layers)
     dtype = _export_dtype(model)
     config = _target_config(format, model, shape, dense, dtype)
     with torch.device("meta"):
@@ -395,7 +267,7 @@ def export(
         if verify and target.dtype == torch.float32:
             diff, scale = _max_logit_diff(model, tmp)
             if not diff <= tolerance * max(1.0, scale):
-                raise _refuse(
+                raise refuse(
                     format,
                     f"the reloaded checkpoint's logits differ by {diff:.3g} (scale {scale:.3g}); nothing was written",
                 )
