@@ -107,13 +107,8 @@ def _on_expert_weights(dense: nn.Module, layer: MoeLayer, e: int) -> nn.Module:
     b_out = experts.b_out.detach()[e] if experts.b_out is not None else None
     if isinstance(ffn, SwiGLU):
         half = w_in.shape[0] // 2
-        pieces = {"gate_proj": (w_in[:half], None), "up_proj": (w_in[half:], None), "down_proj": (w_out, None)}
-        if b_in is not None:
-            pieces = {
-                "gate_proj": (w_in[:half], b_in[:half]),
-                "up_proj": (w_in[half:], b_in[half:]),
-                "down_proj": (w_out, b_out),
-            }
+        gate_bias, up_bias = (None, None) if b_in is None else (b_in[:half], b_in[half:])
+        pieces = {"gate_proj": (w_in[:half], gate_bias), "up_proj": (w_in[half:], up_bias), "down_proj": (w_out, b_out)}
     else:
         pieces = {"fc1": (w_in, b_in), "fc2": (w_out, b_out)}
     for name, (weight, bias) in pieces.items():

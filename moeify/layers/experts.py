@@ -11,6 +11,7 @@ Shape legend: T tokens, D model dim, I intermediate dim, E experts, K top-k, A =
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -69,18 +70,12 @@ class PackedExperts(nn.Module):
         e, rows, d = self.w_in.shape
         return f"num_experts={e}, in={d}, intermediate={self.w_out.shape[-1]}, out={self.w_out.shape[1]}, gated={self.gated}"
 
-    def _activation(self, h: Tensor) -> Tensor:
+    def _activation(self, h: Tensor, in_place: bool = False) -> Tensor:
+        """`in_place`: the gate product overwrites act(gate), one expert-sized temporary fewer;
+        only without autograd (nothing then needs the activation's output afterwards)."""
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.act(gate) * up
-        return self.act(h)
-
-    def _activation_no_grad(self, h: Tensor) -> Tensor:
-        """`_activation` with the gate product in place: without autograd nothing needs the
-        activation's output afterwards, and one expert-sized temporary fewer is allocated."""
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.act(gate).mul_(up)
+            return self.act(gate).mul_(up) if in_place else self.act(gate) * up
         return self.act(h)
 
     def _activate(self, h: Tensor) -> Tensor:
@@ -119,7 +114,7 @@ class PackedExperts(nn.Module):
         expert_by_expert = self._runs_expert_by_expert(x_TD, tensors, expert_idx_TK.numel())
         if expert_by_expert and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
             y_TD = expert_loop.run_combined(
-                x_TD, token_A, weight_A1, *tensors, counts_E, self._activation_no_grad, self._finish
+                x_TD, token_A, weight_A1, *tensors, counts_E, partial(self._activation, in_place=True), self._finish
             )
             return y_TD, counts_E
         # index_select, not x_TD[token_A]: its backward is a row-wise index_add_, where advanced
