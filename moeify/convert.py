@@ -78,14 +78,16 @@ def moeify(
             `target_modules` when its FFNs are not recognised).
         config: the recipe (`MoeifyConfig`); keyword `overrides` change single fields.
         example_inputs: optional inputs (dict of kwargs, tuple of args, or one tensor) on which the
-            whole converted model must reproduce the dense model's outputs.
+            whole converted model must reproduce the dense model's outputs. Blocks that cannot run
+            alone (they need a timestep embedding, rotary embeddings) are traced for FFNs on the
+            inputs they receive in a forward of them.
 
     Returns the same `model` object. Raises `ConversionError` (a ValueError) with what was wrong
     and what to do; the model is then untouched.
     """
     config = (config or MoeifyConfig()).replace(**overrides) if overrides else (config or MoeifyConfig())
     started = time.perf_counter()
-    plan = plan_conversion(model, config)
+    plan = plan_conversion(model, config, example_inputs)
     layers, shared_params = _build_and_check(model, plan)
     try:
         dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
@@ -108,6 +110,7 @@ def moeify(
         apply.init_shared_for_training(layer, config, index)
     state = getattr(model, "moeify_state", None) or MoeifyState()
     state.conversions.append(config)
+    state.captured.update(plan.report.captured)
     state.report = plan.report
     state.seconds = time.perf_counter() - started
     model.moeify_state = state
@@ -121,6 +124,9 @@ class MoeifyState:
         self.conversions: list[MoeifyConfig] = []
         self.report = None
         self.seconds = 0.0
+        # FFNs found by tracing blocks on example inputs, by site name: a checkpoint records them,
+        # since rebuilding the model for loading has no inputs to trace on (moeify.surgery.record).
+        self.captured: dict = {}
 
     @property
     def config(self) -> MoeifyConfig:

@@ -69,7 +69,7 @@ def test_target_modules_matching_nothing() -> None:
     with pytest.raises(ConversionError) as error:
         moeify.moeify(model, target_modules=["feed_forward"])
     message = str(error.value)
-    assert "found no FFN to convert in LlamaForCausalLM" in message
+    assert "found 2 FFN(s) in LlamaForCausalLM, but target_modules / exclude_modules / layers leave every one dense" in message
     assert "model.layers.0.mlp [LlamaMLP]: not selected by target_modules" in message
     assert "LlamaMLP" in message.split("Module classes seen:")[1]  # the class to name instead
     assert_untouched(model, before)
@@ -203,12 +203,12 @@ def _measured(message: str) -> float:
 
 @pytest.mark.usefixtures("isolated_registries")
 def test_wrong_layout_fails_the_identity_check() -> None:
-    register_ffn("SwappedMLP", SWAPPED)
+    register_ffn(SwappedMLP, SWAPPED)
     torch.manual_seed(0)
-    # Block 0 (probe, right) is built and checked first, its dense weights then share the experts'
-    # storage; block 1 (registry, wrong) fails, and that sharing must be undone.
+    # Block 0 (dataflow, right) is built and checked first, its dense weights then share the
+    # experts' storage; block 1 (registry, wrong) fails, and that sharing must be undone.
     model = Stack(GatedMLP(), SwappedMLP())
-    assert [s.source for s in find_ffns(model)] == ["probe", "registry"]
+    assert [s.source for s in find_ffns(model)] == ["dataflow", "registry"]
     before = snapshot(model)
     with pytest.raises(ConversionError) as error:
         moeify.moeify(model, num_experts=4)
@@ -226,7 +226,7 @@ def test_wrong_layout_fails_the_identity_check() -> None:
 def test_example_inputs_mismatch_leaves_the_model_untouched() -> None:
     """verify=False skips the per-layer check, so the wrong layout is built and swapped in; the
     whole-model check on example_inputs catches it and undoes the swaps and the storage sharing."""
-    register_ffn("SwappedMLP", SWAPPED)
+    register_ffn(SwappedMLP, SWAPPED)
     torch.manual_seed(0)
     model = Stack(GatedMLP(), SwappedMLP())
     x = stack_input()
@@ -283,21 +283,37 @@ def test_generic_module_with_residual_inside_needs_no_shared_experts() -> None:
 
 @pytest.mark.usefixtures("isolated_registries")
 def test_registries_refuse_duplicates() -> None:
-    with pytest.raises(ValueError, match="an FFN class 'LlamaMLP' is already registered"):
-        register_ffn("LlamaMLP", SWAPPED)
-    assert registry._FFN["LlamaMLP"] is LLAMA_STYLE
-    with pytest.raises(ValueError, match="a skipped class 'BloomMLP' is already registered"):
-        register_skip("BloomMLP", "another reason")
-    assert "residual" in registry._SKIP["BloomMLP"]
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    llama_mlp = "transformers.models.llama.modeling_llama.LlamaMLP"
+    with pytest.raises(ValueError, match=f"an FFN class '{llama_mlp}' is already registered"):
+        register_ffn(LlamaMLP, SWAPPED)  # the class and its qualified name are one key
+    assert registry._FFN[llama_mlp] is LLAMA_STYLE
+    glumb = "diffusers.models.transformers.sana_transformer.GLUMBConv"
+    with pytest.raises(ValueError, match=f"a skipped class '{glumb}' is already registered"):
+        register_skip(glumb, "another reason")
+    assert "convolutional" in registry._SKIP[glumb]
     with pytest.raises(ValueError, match="a router kind named 'linear' is already registered"):
         register_router("linear", lambda spec: LinearRouter(spec.hidden_size, spec.num_experts, 1.0))
     assert router_base._ROUTERS["linear"] is not None
-    with pytest.raises(ValueError, match="'PixArtTransformer2DModel' is already registered"):
-        register_conditioning("PixArtTransformer2DModel", "encoder_hidden_states", "caption_channels")
-    # A second registration of a new name is refused too.
-    register_skip("MyBlock", "not token-wise")
-    with pytest.raises(ValueError, match="'MyBlock' is already registered"):
-        register_skip("MyBlock", "not token-wise")
+    pixart = "diffusers.models.transformers.pixart_transformer_2d.PixArtTransformer2DModel"
+    with pytest.raises(ValueError, match=f"'{pixart}' is already registered"):
+        register_conditioning(pixart, "encoder_hidden_states", "caption_channels")
+    # A second registration of a new class is refused too.
+    register_skip(SwappedMLP, "not token-wise")
+    with pytest.raises(ValueError, match="'test_errors.SwappedMLP' is already registered"):
+        register_skip("test_errors.SwappedMLP", "not token-wise")
+
+
+@pytest.mark.usefixtures("isolated_registries")
+@pytest.mark.parametrize("register", [register_ffn, register_skip, register_conditioning])
+def test_registries_refuse_bare_class_names(register) -> None:  # noqa: ANN001
+    """Several models define their own class called FeedForward: a bare name would match them all."""
+    args = {register_ffn: (SWAPPED,), register_skip: ("a reason",), register_conditioning: ("arg", "dim")}[register]
+    before = (dict(registry._FFN), dict(registry._SKIP), dict(registry._CONDITIONING))
+    with pytest.raises(ValueError, match=r"fully qualified name \('package.module.ClassName'\), got 'FeedForward'"):
+        register("FeedForward", *args)
+    assert (registry._FFN, registry._SKIP, registry._CONDITIONING) == before
 
 
 @pytest.mark.usefixtures("isolated_registries")

@@ -1,4 +1,4 @@
-"""find_ffns (the dry run) and site selection: registry, probe and generic sources, target_modules
+"""find_ffns (the dry run) and site selection: registry, dataflow and generic sources, target_modules
 / exclude_modules / layers, MoE and residual-MLP skips, partial conversion, seeded determinism."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moeify
 from moeify import ConversionError, find_ffns, moe_layers
 from moeify.layers.experts import ModuleExperts, PackedExperts
+from moeify.layers.wiring import AddResidual
 
 
 def test_find_changes_nothing_and_reports_sites() -> None:
@@ -39,6 +40,7 @@ def test_find_changes_nothing_and_reports_sites() -> None:
         "intermediate_size": 64,
         "out_features": 32,
         "gated": True,
+        "calls": 1,
     }
     assert [s.name for s in report] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert str(report).splitlines() == [
@@ -116,11 +118,11 @@ def test_partial_then_further_conversion() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain nn.Module models: the structural probe, and the generic path for exotic FFNs
+# Plain nn.Module models: dataflow discovery, and the generic path for exotic FFNs
 
 
 class FcMLP(nn.Module):
-    """fc1 / act / fc2 under an unregistered class name (with a dropout the probe must find)."""
+    """fc1 / act / fc2 under an unregistered class name (with a dropout the trace must find)."""
 
     def __init__(self, d: int = 16, i: int = 32) -> None:
         super().__init__()
@@ -158,17 +160,17 @@ def _reproduces(model: nn.Module, convert) -> nn.Module:  # noqa: ANN001
     return model
 
 
-def test_probe_finds_an_unregistered_fc_mlp() -> None:
+def test_dataflow_finds_an_unregistered_fc_mlp() -> None:
     torch.manual_seed(0)
     model = Stack(FcMLP(), FcMLP())
     report = find_ffns(model)
     assert [(s.name, s.class_name, s.source) for s in report] == [
-        ("layers.0.mlp", "FcMLP", "probe"),
-        ("layers.1.mlp", "FcMLP", "probe"),
+        ("layers.0.mlp", "FcMLP", "dataflow"),
+        ("layers.1.mlp", "FcMLP", "dataflow"),
     ]
     site = report.sites[0]
     assert (site.in_features, site.intermediate_size, site.out_features, site.gated) == (16, 32, 16, False)
-    assert site.layout.mid_dropout == "drop"
+    assert site.layout.mid_dropout == 0.1  # the rate of the dropout module the trace ran
     _reproduces(model, lambda m: moeify.moeify(m, num_experts=4))
     experts = model.layers[0].mlp.experts
     assert isinstance(experts, PackedExperts) and experts.mid_dropout == 0.1
@@ -196,28 +198,53 @@ def test_exotic_ffn_converts_only_when_named(make) -> None:  # noqa: ANN001
         assert isinstance(layer.shared_experts, ModuleExperts)
 
 
-def test_probe_names_a_three_layer_mlp_wrongly_and_the_check_catches_it() -> None:
-    """fc1/act/fc2 plus an fc3 the probe does not know of: the guessed layout misses fc3, and the
-    identity check refuses it rather than converting a different function."""
+def test_an_ffn_inside_a_module_that_computes_more_converts_alone() -> None:
+    """fc1/act/fc2, then a norm of the FFN's output (Gemma 2's post-FFN norm): the FFN is chained
+    inside the module; the MoE layer takes fc1's place, act and fc2 become identities, the norm stays."""
 
-    class ThreeFc(nn.Module):
+    class NormedFFN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 16)
+            self.fc1, self.act, self.fc2, self.norm = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.fc3(self.fc2(self.act(self.fc1(x))))
+            return self.norm(self.fc2(self.act(self.fc1(x))))
 
-    model = Stack(ThreeFc())
-    assert [s.source for s in find_ffns(model)] == ["probe"]
-    before = snapshot(model)
-    with pytest.raises(ConversionError, match="layers.0.mlp: the converted layer does not reproduce the dense FFN"):
-        moeify.moeify(model, num_experts=4)
-    assert_untouched(model, before)
+    torch.manual_seed(0)
+    model = Stack(NormedFFN())
+    [site] = find_ffns(model).sites
+    assert (site.name, site.source, site.install_path) == ("layers.0.mlp", "dataflow", "layers.0.mlp.fc1")
+    assert site.layout.identities == ("act", "fc2")
+    _reproduces(model, lambda m: moeify.moeify(m, num_experts=4))
+    block = model.layers[0].mlp
+    assert isinstance(block.fc1, moeify.MoeLayer) and isinstance(block.fc2, nn.Identity)
+    assert isinstance(block.norm, nn.LayerNorm)
+
+
+def test_a_multi_layer_mlp_head_is_no_ffn() -> None:
+    """fc1 -> relu -> fc2 -> relu -> fc3 (a box head): no pair of its layers is a block's FFN, since
+    each pair's input or output is another layer's, not the residual stream."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            for i, layer in enumerate(self.layers):
+                x = layer(x) if i == 2 else torch.relu(layer(x))
+            return x
+
+    torch.manual_seed(0)
+    report = find_ffns(Stack(Head()))
+    assert report.sites == []
+    assert {s.reason for s in report.skipped} == {
+        "a layer of a multi-layer MLP head (its input or output is another layer's), not a block's FFN"
+    }
 
 
 # ---------------------------------------------------------------------------------------------
-# Skips: MoE blocks and Bloom's residual MLP
+# MoE blocks are skipped; Bloom's residual MLP converts
 
 SMALL = {
     "hidden_size": 32,
@@ -257,7 +284,7 @@ def test_qwen2_moe_skips_the_moe_blocks_and_converts_its_dense_mlp() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     report = find_ffns(model)
-    assert [(s.name, s.class_name, s.source) for s in report] == [("model.layers.0.mlp", "Qwen2MoeMLP", "probe")]
+    assert [(s.name, s.class_name, s.source) for s in report] == [("model.layers.0.mlp", "Qwen2MoeMLP", "dataflow")]
     assert [(s.name, s.class_name, s.reason) for s in report.skipped] == [
         ("model.layers.1.mlp", "Qwen2MoeSparseMoeBlock", "already a Mixture-of-Experts block")
     ]
@@ -268,18 +295,24 @@ def test_qwen2_moe_skips_the_moe_blocks_and_converts_its_dense_mlp() -> None:
     assert (logits(model, ids) - dense).abs().max() <= 1e-5 * dense.abs().max()
 
 
-def test_bloom_mlp_is_skipped_with_the_residual_reason() -> None:
+def test_bloom_mlp_adds_its_residual_and_converts() -> None:
+    """`BloomMLP.forward(hidden_states, residual)` returns dropout(ffn(x)) + residual: the MoE
+    layer replaces the FFN inside an AddResidual that adds the residual back."""
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         AutoConfig.for_model("bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=100)
-    )
+    ).eval()
     report = find_ffns(model)
-    assert len(report) == 0
-    assert [s.name for s in report.skipped] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
-    assert all("adds the residual inside the MLP" in s.reason for s in report.skipped)
-    # Naming it does not override the skip: the reason stays.
-    assert len(find_ffns(model, target_modules=["mlp"])) == 0
-    with pytest.raises(ConversionError, match=r"transformer.h.0.mlp \[BloomMLP\]: adds the residual"):
-        moeify.moeify(model)
+    assert [(s.name, s.source) for s in report] == [("transformer.h.0.mlp", "dataflow"), ("transformer.h.1.mlp", "dataflow")]
+    assert report.sites[0].layout.residual == (1, "residual")
+    assert report.sites[0].layer_path == "transformer.h.0.mlp.moe"
+    ids = tokens()
+    dense = logits(model, ids)
+    moeify.moeify(model, num_experts=4, shared_expert_init="zero_out", example_inputs={"input_ids": ids})
+    wrapper = model.transformer.h[0].mlp
+    assert isinstance(wrapper, AddResidual) and isinstance(wrapper.moe, moeify.MoeLayer)
+    assert [name for name, _ in moe_layers(model)] == ["transformer.h.0.mlp.moe", "transformer.h.1.mlp.moe"]
+    assert (logits(model, ids) - dense).abs().max() <= 1e-5 * dense.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,14 +237,16 @@ def test_adapter_round_trip_over_moeify_from_pretrained(tmp_path, recipe: str) -
 
 
 class Mixer(nn.Module):
-    """An FFN no registry or probe knows: converted by the generic path (ModuleExperts)."""
+    """An FFN packed experts cannot hold (a learnable gain between its projections): converted by
+    the generic path (ModuleExperts)."""
 
     def __init__(self, d: int = 16) -> None:
         super().__init__()
         self.inp, self.out = nn.Linear(d, INNER), nn.Linear(INNER, d)
+        self.gain = nn.Parameter(torch.ones(INNER))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.tanh(self.inp(x)))
+        return self.out(torch.tanh(self.inp(x)) * self.gain)
 
 
 def test_generic_experts_get_one_lora_per_copy_and_other_peft_methods_work() -> None:

@@ -3,7 +3,6 @@
 from moeify.architectures import diffusers, transformers  # noqa: F401 - registration
 from moeify.architectures.layouts import FFNLayout, FFNWeights, read_weights
 from moeify.architectures.registry import (
-    classify,
     conditioning_for,
     register_conditioning,
     register_ffn,
@@ -14,7 +13,6 @@ from moeify.architectures.registry import (
 __all__ = [
     "FFNLayout",
     "FFNWeights",
-    "classify",
     "conditioning_for",
     "read_weights",
     "register_conditioning",

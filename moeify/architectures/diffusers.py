@@ -46,14 +46,18 @@ def feed_forward(module: nn.Module) -> FFNLayout | str:
     return f"FeedForward with activation {first}, which this version of moeify does not know"
 
 
-register_ffn("FeedForward", feed_forward)
+register_ffn("diffusers.models.attention.FeedForward", feed_forward)
 
+_MODELS = "diffusers.models"
 DIFFUSERS_SKIPS = {
-    "FluxSingleTransformerBlock": _FUSED_INTO_ATTENTION,
-    "HunyuanVideoSingleTransformerBlock": _FUSED_INTO_ATTENTION,
-    "GLUMBConv": "convolutional FFN (depthwise conv over neighbouring tokens): not token-wise",
-    "TimestepEmbedding": "timestep embedder, not a token FFN",
-    "PixArtAlphaTextProjection": "caption projection, not a token FFN",
+    f"{_MODELS}.transformers.transformer_flux.FluxSingleTransformerBlock": _FUSED_INTO_ATTENTION,
+    f"{_MODELS}.transformers.transformer_hunyuan_video.HunyuanVideoSingleTransformerBlock": _FUSED_INTO_ATTENTION,
+    f"{_MODELS}.transformers.sana_transformer.GLUMBConv": (
+        "convolutional FFN (depthwise conv over neighbouring tokens): not token-wise"
+    ),
+    # FFN-shaped, token-wise, but not the token FFNs of the blocks: left dense.
+    f"{_MODELS}.embeddings.TimestepEmbedding": "timestep embedder, not a token FFN",
+    f"{_MODELS}.embeddings.PixArtAlphaTextProjection": "caption projection, not a token FFN",
 }
 for _name, _reason in DIFFUSERS_SKIPS.items():
     register_skip(_name, _reason)
@@ -61,16 +65,16 @@ for _name, _reason in DIFFUSERS_SKIPS.items():
 # Where each model's cross-attention conditioning comes from (the forward argument and the
 # config attribute with its feature size).
 DIFFUSERS_CONDITIONING = {
-    "PixArtTransformer2DModel": "caption_channels",
-    "SD3Transformer2DModel": "joint_attention_dim",
-    "FluxTransformer2DModel": "joint_attention_dim",
-    "CogVideoXTransformer3DModel": "text_embed_dim",
-    "WanTransformer3DModel": "text_dim",
-    "LTXVideoTransformer3DModel": "caption_channels",
-    "HunyuanVideoTransformer3DModel": "text_embed_dim",
-    "MochiTransformer3DModel": "text_embed_dim",
-    "UNet2DConditionModel": "cross_attention_dim",
-    "Transformer2DModel": "cross_attention_dim",
+    f"{_MODELS}.transformers.pixart_transformer_2d.PixArtTransformer2DModel": "caption_channels",
+    f"{_MODELS}.transformers.transformer_sd3.SD3Transformer2DModel": "joint_attention_dim",
+    f"{_MODELS}.transformers.transformer_flux.FluxTransformer2DModel": "joint_attention_dim",
+    f"{_MODELS}.transformers.cogvideox_transformer_3d.CogVideoXTransformer3DModel": "text_embed_dim",
+    f"{_MODELS}.transformers.transformer_wan.WanTransformer3DModel": "text_dim",
+    f"{_MODELS}.transformers.transformer_ltx.LTXVideoTransformer3DModel": "caption_channels",
+    f"{_MODELS}.transformers.transformer_hunyuan_video.HunyuanVideoTransformer3DModel": "text_embed_dim",
+    f"{_MODELS}.transformers.transformer_mochi.MochiTransformer3DModel": "text_embed_dim",
+    f"{_MODELS}.unets.unet_2d_condition.UNet2DConditionModel": "cross_attention_dim",
+    f"{_MODELS}.transformers.transformer_2d.Transformer2DModel": "cross_attention_dim",
 }
 for _name, _attr in DIFFUSERS_CONDITIONING.items():
     register_conditioning(_name, "encoder_hidden_states", _attr)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +28,25 @@ class FFNLayout:
     proj_in: path of the input projection ("up" for gated kinds).
     proj_out: path of the output projection.
     act: path of the activation module, or a function of the site returning one.
+    up_act: gated kinds: what the FFN applies to the up half before the product (GLM's clamp):
+        a path or a function like `act`; None (the identity) for most.
+    post_act: gated kinds: what it applies to the product (BitNet's norm); None for most.
     proj_gate: path of the gate projection ("gated" only).
     gate_first: "fused_gated" only: whether the gate is the first half of proj_in's output.
-    mid_dropout / out_dropout: paths of nn.Dropout modules after the activation / projection.
+    mid_dropout / out_dropout: dropout after the activation / the output projection, applied by
+        the experts: the path of an nn.Dropout, or its rate (a functional dropout).
     install_at: where the MoE layer goes ("" = the site itself).
     identities: modules of a split FFN, after `install_at`, replaced by nn.Identity.
+    split: the FFN is inline in the site's forward with something between its projections that
+        is not a module moeify may swap: `SplitEntry` takes the input projection(s)' place and the
+        MoE layer (in a `SplitExit`) the output projection's (`install_at`; moeify.layers.wiring).
+    residual: the site adds a forward argument to the FFN output itself (BloomMLP): its
+        (position, name), position 0 being the hidden states; the MoE layer is wrapped in
+        `AddResidual`.
+    reference: the dense FFN as its block computes it, `reference(site)(x)`: the identity check's
+        reference where the FFN is not a chain of modules (found by dataflow; None: `chain`).
+    channels_first: the projections are 1x1 convolutions over [B, C, *positions]: the MoE layer
+        is wrapped in `ChannelsFirst`, which hands it the positions as tokens.
     """
 
     kind: str
@@ -41,20 +55,37 @@ class FFNLayout:
     act: str | Callable[[nn.Module], nn.Module]
     proj_gate: str | None = None
     gate_first: bool = True
-    mid_dropout: str | None = None
-    out_dropout: str | None = None
+    mid_dropout: str | float | None = None
+    out_dropout: str | float | None = None
     install_at: str = ""
     identities: tuple[str, ...] = ()
+    split: bool = False
+    residual: tuple[int, str] | None = None
+    reference: Callable[[nn.Module], Callable[[Tensor], Tensor]] | None = field(default=None, compare=False)
+    channels_first: bool = False
+    up_act: str | Callable[[nn.Module], nn.Module] | None = None
+    post_act: str | Callable[[nn.Module], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"FFNLayout.kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "gated") != (self.proj_gate is not None):
             raise ValueError("FFNLayout: proj_gate is required for kind='gated' and only for it")
+        if self.split and (self.identities or self.residual or self.install_at != self.proj_out):
+            raise ValueError("FFNLayout: a split FFN installs at proj_out, with no identities and no residual")
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """The input projections a split FFN's `SplitEntry` modules replace."""
+        if not self.split:
+            return ()
+        return (self.proj_gate, self.proj_in) if self.proj_gate else (self.proj_in,)
 
     def chain(self, site: nn.Module) -> list[nn.Module]:
-        """The modules the MoE layer replaces, in call order: calling them one after the other is
-        the dense FFN (the reference of the identity check)."""
+        """What computes the dense FFN, in call order (the reference of the identity check): the
+        modules the MoE layer replaces, or the recorded `reference`."""
+        if self.reference is not None:
+            return [self.reference(site)]
         return [get(site, self.install_at)] + [get(site, path) for path in self.identities]
 
 
@@ -63,15 +94,21 @@ class Piece:
     """A block of rows of a packed tensor, read from one of the FFN's own parameters.
 
     `transposed`: GPT-2's Conv1D stores [in, out]. `half`: one half of the parameter's rows
-    (diffusers' fused projections are [up; gate], packed as [gate; up]).
+    (diffusers' fused projections are [up; gate], packed as [gate; up]). A 1x1 convolution's
+    [out, in, 1, ...] weight reads as [out, in]; a grouped one's [out, in / groups, 1, ...] as the
+    block-diagonal [out, in] it computes (a copy: its experts are dense clones of it).
     """
 
     param: Tensor
     transposed: bool = False
     half: int | None = None
+    groups: int = 1
 
     def value(self) -> Tensor:
         t = self.param.t() if self.transposed else self.param
+        t = t.flatten(1) if t.dim() > 2 else t
+        if self.groups > 1:
+            t = torch.block_diag(*t.chunk(self.groups))
         return t if self.half is None else t.chunk(2)[self.half]
 
 
@@ -87,6 +124,8 @@ class FFNWeights:
     gated: bool
     mid_dropout: float
     out_dropout: float
+    up_act: nn.Module | None = None
+    post_act: nn.Module | None = None
 
     @property
     def in_features(self) -> int:
@@ -121,18 +160,27 @@ def get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
+def join(prefix: str, name: str) -> str:
+    """A submodule path under `prefix` ("" is the root on either side)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def projection(module: nn.Module) -> tuple[Piece, Piece | None]:
     """(weight [out, in], bias) of a Linear-like module, as pieces."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    pointwise = isinstance(weight, Tensor) and weight.dim() > 2 and all(k == 1 for k in weight.shape[2:])
+    if not isinstance(weight, Tensor) or (weight.dim() != 2 and not pointwise):
         raise ValueError(f"{type(module).__name__} is not a linear projection (no 2-D weight)")
     transposed = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-    return Piece(weight, transposed=transposed), Piece(bias) if isinstance(bias, Tensor) else None
+    groups = getattr(module, "groups", 1) if pointwise else 1
+    return Piece(weight, transposed=transposed, groups=groups), Piece(bias) if isinstance(bias, Tensor) else None
 
 
-def _dropout_p(site: nn.Module, path: str | None) -> float:
+def _dropout_p(site: nn.Module, path: str | float | None) -> float:
     if path is None:
         return 0.0
+    if isinstance(path, float):
+        return path
     module = get(site, path)
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
@@ -159,7 +207,9 @@ def read_weights(site: nn.Module, layout: FFNLayout) -> FFNWeights:
         raise ValueError(
             f"projection shapes do not chain: in has {rows} rows, out is {tuple(w_out.value().shape)} (kind={layout.kind})"
         )
-    act = layout.act(site) if callable(layout.act) else copy.deepcopy(get(site, layout.act))
+    act = _module(site, layout.act)
+    up_act = _module(site, layout.up_act) if layout.up_act is not None else None
+    post_act = _module(site, layout.post_act) if layout.post_act is not None else None
     return FFNWeights(
         w_in=w_in_pieces,
         b_in=b_in_pieces,
@@ -169,4 +219,11 @@ def read_weights(site: nn.Module, layout: FFNLayout) -> FFNWeights:
         gated=gated,
         mid_dropout=_dropout_p(site, layout.mid_dropout),
         out_dropout=_dropout_p(site, layout.out_dropout),
+        up_act=up_act,
+        post_act=post_act,
     )
+
+
+def _module(site: nn.Module, act: str | Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """An activation for the experts: built by the layout, or a copy of the site's module."""
+    return act(site) if callable(act) else copy.deepcopy(get(site, act))

@@ -1,6 +1,9 @@
 """The registries: FFN classes → layouts, classes that must be skipped → reasons, models →
-where their conditioning comes from. Plus the structural probe for classes nobody registered.
+where their conditioning comes from. Keyed by the fully qualified class (`module.QualName`),
+never the bare name: several libraries and models define a class called `FeedForward`.
 
+Discovery does not need them (moeify.surgery.discover finds FFNs by dataflow); an entry is an
+override (a class that must be skipped, an FFN dataflow cannot see) and a fast path (no trace).
 Register with `register_ffn`, `register_skip`, `register_conditioning`; duplicates are refused.
 """
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moeify.architectures.layouts import FFNLayout, get
+from moeify.architectures.layouts import FFNLayout
 
 # A resolver looks at an instance and returns its layout, or a string: the reason to skip it.
 Resolver = Callable[[nn.Module], "FFNLayout | str"]
@@ -33,27 +36,46 @@ _SKIP: dict[str, str] = {}
 _CONDITIONING: dict[str, Conditioning] = {}
 
 
+def qualified_name(cls: type | str) -> str:
+    """`package.module.QualName` of a class, or the string given, checked to be qualified."""
+    if isinstance(cls, type):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(cls, str) or "." not in cls:
+        raise ValueError(
+            f"register a class by the class itself or its fully qualified name ('package.module.ClassName'), "
+            f"got {cls!r}: a bare name would also match unrelated classes that happen to share it"
+        )
+    return cls
+
+
+def class_key(module: nn.Module) -> str:
+    return qualified_name(type(module))
+
+
 def _refuse_duplicate(table: dict, key: str, what: str) -> None:
     if key in table:
         raise ValueError(f"{what} {key!r} is already registered")
 
 
-def register_ffn(class_name: str, layout: FFNLayout | Resolver) -> None:
+def register_ffn(cls: type | str, layout: FFNLayout | Resolver) -> None:
     """Teach moeify an FFN class: a layout (data), or a resolver for classes built from options."""
-    _refuse_duplicate(_FFN, class_name, "an FFN class")
-    _FFN[class_name] = layout
+    key = qualified_name(cls)
+    _refuse_duplicate(_FFN, key, "an FFN class")
+    _FFN[key] = layout
 
 
-def register_skip(class_name: str, reason: str) -> None:
+def register_skip(cls: type | str, reason: str) -> None:
     """Name a class that must never be converted, with the reason users will read."""
-    _refuse_duplicate(_SKIP, class_name, "a skipped class")
-    _SKIP[class_name] = reason
+    key = qualified_name(cls)
+    _refuse_duplicate(_SKIP, key, "a skipped class")
+    _SKIP[key] = reason
 
 
-def register_conditioning(model_class_name: str, arg: str, dim_attr: str) -> None:
+def register_conditioning(model_cls: type | str, arg: str, dim_attr: str) -> None:
     """Tell the cross-attention router where a model's conditioning comes from."""
-    _refuse_duplicate(_CONDITIONING, model_class_name, "a conditioning entry for")
-    _CONDITIONING[model_class_name] = Conditioning(arg, dim_attr)
+    key = qualified_name(model_cls)
+    _refuse_duplicate(_CONDITIONING, key, "a conditioning entry for")
+    _CONDITIONING[key] = Conditioning(arg, dim_attr)
 
 
 def registered_ffn_classes() -> tuple[str, ...]:
@@ -62,8 +84,9 @@ def registered_ffn_classes() -> tuple[str, ...]:
 
 def conditioning_for(model: nn.Module) -> Conditioning | None:
     for cls in type(model).__mro__:
-        if cls.__name__ in _CONDITIONING:
-            return _CONDITIONING[cls.__name__]
+        found = _CONDITIONING.get(qualified_name(cls))
+        if found is not None:
+            return found
     return None
 
 
@@ -74,26 +97,11 @@ def conditioning_for(model: nn.Module) -> Conditioning | None:
 # a MoE model (Qwen2MoeModel, Qwen2MoeDecoderLayer, the dense Qwen2MoeMLP of `mlp_only_layers`).
 _MOE_NAME = re.compile(r"(moe|mixtureofexperts|sparse\w*block|switch\w*(mlp|ff))$", re.IGNORECASE)
 
-# The probe: projection names seen across the ecosystem, as (gate, up, down) for gated FFNs,
-# (gate_up, down) for fused gated, (in, out) for plain MLPs.
-PROBE_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("wi_0", "wi_1", "wo"))
-PROBE_FUSED = (("gate_up_proj", "down_proj"),)
-PROBE_MLP = (
-    ("fc1", "fc2"),
-    ("c_fc", "c_proj"),
-    ("dense_h_to_4h", "dense_4h_to_h"),
-    ("wi", "wo"),
-    ("up_proj", "down_proj"),
-    ("w1", "w2"),
-    ("fc_in", "fc_out"),
-    ("lin1", "lin2"),
-)
-
 
 @dataclass(frozen=True)
 class Classified:
     layout: FFNLayout | None  # None: skip
-    source: str  # "registry" | "probe"
+    source: str  # "registry" | "moe"
     reason: str = ""
 
 
@@ -111,78 +119,25 @@ def required_positional_args(module: nn.Module) -> list[str]:
 
 
 def looks_like_moe(module: nn.Module) -> bool:
+    """A Mixture-of-Experts block already: never converted, and never traced into (its experts
+    would look like FFNs)."""
     children = dict(module.named_children())
     return bool(_MOE_NAME.search(type(module).__name__)) or (
         "experts" in children and any(k in children for k in ("gate", "router"))
     )
 
 
-def _is_projection(module: nn.Module | None) -> bool:
-    weight = getattr(module, "weight", None)
-    return module is not None and getattr(weight, "dim", lambda: 0)() == 2 and not isinstance(module, nn.Embedding)
-
-
-def _activation_child(module: nn.Module, taken: set[str]) -> str | None:
-    """The one parameter-free, non-dropout child: the activation."""
-    names = [
-        name
-        for name, child in module.named_children()
-        if name not in taken
-        and not isinstance(child, (nn.Dropout, nn.Identity))
-        and not any(True for _ in child.parameters())
-    ]
-    return names[0] if len(names) == 1 else None
-
-
-def _dropout_child(module: nn.Module) -> str | None:
-    names = [name for name, child in module.named_children() if isinstance(child, nn.Dropout)]
-    return names[0] if len(names) == 1 else None
-
-
-def probe(module: nn.Module) -> FFNLayout | None:
-    """Recognise an unregistered FFN by the names and shapes of its children. Whatever the probe
-    guesses is then checked numerically by the identity check at conversion."""
-    children = dict(module.named_children())
-    candidates: list[tuple[str, tuple[str, ...]]] = (
-        [("gated", names) for names in PROBE_GATED]
-        + [("fused_gated", names) for names in PROBE_FUSED]
-        + [("mlp", names) for names in PROBE_MLP]
-    )
-    for kind, names in candidates:
-        if not all(_is_projection(children.get(n)) for n in names):
-            continue
-        act = _activation_child(module, set(names))
-        if act is None:
-            continue
-        dropout = _dropout_child(module)
-        if kind == "gated":
-            gate, up, down = names
-            return FFNLayout("gated", proj_in=up, proj_gate=gate, proj_out=down, act=act, mid_dropout=dropout)
-        return FFNLayout(kind, proj_in=names[0], proj_out=names[-1], act=act, mid_dropout=dropout)
-    return None
-
-
 def classify(module: nn.Module) -> Classified | None:
-    """Registry first, then the MoE check, then the structural probe; None when it is no FFN."""
-    name = type(module).__name__
-    if name in _SKIP:
-        return Classified(None, "registry", _SKIP[name])
-    entry = _FFN.get(name)
+    """What the registries and the MoE check say of one module; None: ask the dataflow."""
+    key = class_key(module)
+    if key in _SKIP:
+        return Classified(None, "registry", _SKIP[key])
+    entry = _FFN.get(key)
     if entry is not None:
         layout = entry(module) if callable(entry) and not isinstance(entry, FFNLayout) else entry
         if isinstance(layout, str):
             return Classified(None, "registry", layout)
         return Classified(layout, "registry")
     if looks_like_moe(module):
-        return Classified(None, "probe", "already a Mixture-of-Experts block")
-    layout = probe(module)
-    if layout is None:
-        return None
-    required = required_positional_args(get(module, layout.install_at))
-    if len(required) != 1:
-        return Classified(
-            None,
-            "probe",
-            f"looks like an FFN but its forward takes {required}: moeify replaces FFNs called with the hidden states alone",
-        )
-    return Classified(layout, "probe")
+        return Classified(None, "moe", "already a Mixture-of-Experts block")
+    return None

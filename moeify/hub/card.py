@@ -135,7 +135,7 @@ def hub_base_model(model: nn.Module, base_model: str | None) -> str | None:
 
 def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     report = model.moeify_state.report
-    sites = {s.install_path: s for s in (report.sites if report is not None else [])}
+    sites = {s.layer_path: s for s in (report.sites if report is not None else [])}
     rows = []
     for name, layer in moe_layers(model):
         site = sites.get(name)

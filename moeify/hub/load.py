@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify.config import MoeifyConfig
-from moeify.convert import moe_layers, moeify
+from moeify.convert import MoeifyState, moe_layers, moeify
 from moeify.hub.save import FORMAT_VERSION, GENERATION_CONFIG, MOEIFY_CONFIG
 from moeify.surgery import ConversionError
 
@@ -191,10 +191,32 @@ def build_base(directory: Path, record: dict[str, Any], base_model: nn.Module | 
     )
 
 
+def _restore_captured(model: nn.Module, record: dict[str, Any]) -> None:
+    """FFNs the conversion found on example inputs: the rebuilt model has no inputs to trace, so
+    the record says where they are and what they compute (plain data; moeify.surgery.record)."""
+    from moeify.surgery.find import Recorded
+    from moeify.surgery.record import layout_from_dict
+
+    captured = record.get("captured") or {}
+    if not captured:
+        return
+    try:
+        found = {
+            str(name): Recorded(layout_from_dict(entry["layout"]), int(entry.get("calls", 1)))
+            for name, entry in captured.items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{MOEIFY_CONFIG}: its recorded FFN layouts cannot be read ({type(error).__name__}: {error})") from None
+    state = MoeifyState()
+    state.captured = found
+    model.moeify_state = state
+
+
 def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
     configs = [MoeifyConfig.from_dict(data) for data in record.get("conversions") or []]
     if not configs:
         raise CheckpointError(f"{MOEIFY_CONFIG} lists no conversion")
+    _restore_captured(model, record)
     for config in configs:
         try:
             moeify(model, config.replace(verify=False))

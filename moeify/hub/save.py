@@ -30,7 +30,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
+# 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
+# checkpoint without them is still written as format 1, which older moeify versions read.
+FORMAT_VERSION = 2
 MOEIFY_CONFIG = "moeify_config.json"
 BASE_CONFIG = "base_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -160,6 +162,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _captured(state: Any) -> dict[str, Any]:
+    """The FFNs found on example inputs, as JSON (loading has no inputs to find them again)."""
+    from moeify.surgery.record import layout_to_dict
+
+    return {
+        name: {"layout": layout_to_dict(found.layout), "calls": found.calls}
+        for name, found in sorted(getattr(state, "captured", {}).items())
+    }
+
+
 def _check_directory(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"moeify.save_pretrained: {directory} exists and is not a directory")
@@ -206,12 +218,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
     _check_no_peft(model)
     directory = Path(directory)
     _check_directory(directory)
+    captured = _captured(state)
+    version = FORMAT_VERSION if captured else 1
     tensors, tied = split_shared(model.state_dict())
     directory.mkdir(parents=True, exist_ok=True)
     # The recipe goes last: a directory without it is an unfinished save, never loaded.
     (directory / MOEIFY_CONFIG).unlink(missing_ok=True)
     library = library_of(model)
-    guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": FORMAT_VERSION}}
+    guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": version}}
     (directory / GUARD_CONFIG).write_text(json.dumps(guard, indent=2) + "\n")
     _write_base_configs(model, directory, library)
     save_torch_state_dict(
@@ -225,13 +239,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
     sharded = (directory / WEIGHTS_INDEX).is_file()
     record = {
         "format": "moeify",
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "moeify_version": __version__,
         "conversions": [config.to_dict() for config in state.conversions],
         "base": _base_description(model),
         "weights": WEIGHTS_INDEX if sharded else WEIGHTS,
         "tied": tied,
         "buffer_dtypes": buffer_dtypes(model),
+        **({"captured": captured} if captured else {}),
     }
     (directory / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return directory

@@ -51,6 +51,8 @@ class PackedExperts(nn.Module):
         in_dtype: torch.dtype | None = None,
         out_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        up_act: nn.Module | None = None,
+        post_act: nn.Module | None = None,
     ) -> None:
         super().__init__()
         rows_in = 2 * intermediate_size if gated else intermediate_size
@@ -64,6 +66,9 @@ class PackedExperts(nn.Module):
             nn.Parameter(torch.empty(num_experts, out_features, dtype=out_dtype, device=device)) if bias_out else None
         )
         self.act = act
+        # Gated only: applied to the up half before the product (GLM clamps it), and to the product
+        # (BitNet normalises it); None: identity.
+        self.up_act, self.post_act = up_act, post_act
         self.mid_dropout, self.out_dropout = mid_dropout, out_dropout
 
     def extra_repr(self) -> str:
@@ -75,7 +80,10 @@ class PackedExperts(nn.Module):
         only without autograd (nothing then needs the activation's output afterwards)."""
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.act(gate).mul_(up) if in_place else self.act(gate) * up
+            if self.up_act is not None:
+                up = self.up_act(up)
+            product = self.act(gate).mul_(up) if in_place else self.act(gate) * up
+            return product if self.post_act is None else self.post_act(product)
         return self.act(h)
 
     def _activate(self, h: Tensor) -> Tensor:
@@ -89,7 +97,8 @@ class PackedExperts(nn.Module):
         """CPU, large batches: expert by expert (moeify.layers.expert_loop); elsewhere, or with
         dropout between the projections in training (its mask would have to be replayed in
         backward), grouped."""
-        if self.mid_dropout and self.training:
+        extra = (self.up_act, self.post_act)
+        if (self.mid_dropout and self.training) or any(getattr(m, "inplace", False) for m in extra):
             return False
         return expert_loop.applies(x, tensors, self.act, assignments)
 

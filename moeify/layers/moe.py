@@ -33,9 +33,12 @@ class MoeLayer(nn.Module):
         balance_loss_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         entropy_loss_weight: float = 0.0,
+        calls_per_forward: int = 1,
     ) -> None:
         super().__init__()
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
+        # > 1: one layer serving several depths (ALBERT's shared block); its counts add every run.
+        self.calls_per_forward = calls_per_forward
         self.num_experts, self.top_k, self.temperature = experts.num_experts, top_k, temperature
         self.loss_weights = {"balance": balance_loss_weight, "z_loss": z_loss_weight, "entropy": entropy_loss_weight}
         # Routing counts build up on the device across forwards and are read (and reset) by the
@@ -68,7 +71,8 @@ class MoeLayer(nn.Module):
 
     def extra_repr(self) -> str:
         shared = self.shared_experts.num_experts if self.shared_experts is not None else 0
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, temperature={self.temperature}"
+        runs = f", calls_per_forward={self.calls_per_forward}" if self.calls_per_forward > 1 else ""
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, temperature={self.temperature}{runs}"
 
     def route(self, x_TD: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """fp32 routing: logits_TE, probs_TE, the top-(k+1) probabilities, expert_idx_TK and the

@@ -33,6 +33,9 @@ class LayerStats:
     margin: float  # mean gap between the k-th and (k+1)-th probability
     routed_norm: float  # mean ||routed output||
     shared_norm: float  # mean ||shared output|| (0 without shared experts)
+    # Runs of the layer per model forward: > 1 for one layer serving several depths (ALBERT), whose
+    # counts and means then cover all of them.
+    calls_per_forward: int = 1
 
     @property
     def load_share(self) -> tuple[float, ...]:
@@ -42,7 +45,14 @@ class LayerStats:
 
     @classmethod
     def from_sums(
-        cls, name: str, depth: int, top_k: int, counts: list[float], prob_sum: list[float], sums: list[float]
+        cls,
+        name: str,
+        depth: int,
+        top_k: int,
+        counts: list[float],
+        prob_sum: list[float],
+        sums: list[float],
+        calls_per_forward: int = 1,
     ) -> LayerStats:
         tokens = sums[INDEX["tokens"]]
         per = 1.0 / tokens if tokens else 0.0
@@ -61,6 +71,7 @@ class LayerStats:
             margin=sums[INDEX["margin"]] * per,
             routed_norm=sums[INDEX["routed_norm"]] * per,
             shared_norm=sums[INDEX["shared_norm"]] * per,
+            calls_per_forward=calls_per_forward,
         )
 
 

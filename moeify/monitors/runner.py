@@ -45,7 +45,7 @@ def gather(layers: Sequence[tuple[str, MoeLayer]], *, reset: bool = True) -> lis
         prob_sum = values[offset + e : offset + 2 * e]
         sums = values[offset + 2 * e : offset + len(parts[depth])]
         offset += len(parts[depth])
-        out.append(LayerStats.from_sums(name, depth, layer.top_k, counts, prob_sum, sums))
+        out.append(LayerStats.from_sums(name, depth, layer.top_k, counts, prob_sum, sums, layer.calls_per_forward))
         if reset:
             layer.reset_stats()
     return out
@@ -105,9 +105,12 @@ class MonitorRunner:
 
     def summary(self) -> dict[str, Any]:
         """Per monitor, per layer: JSON-serialisable."""
+        shared = {name: layer.calls_per_forward for name, layer in self.layers if layer.calls_per_forward > 1}
         return {
             "steps": self.steps,
             "layers": [name for name, _ in self.layers],
+            # Layers that serve several depths: their statistics add all those runs.
+            **({"calls_per_forward": shared} if shared else {}),
             "monitors": {m.name: m.summary() for m in self.monitors},
             "events": len(self.events),
         }

@@ -10,17 +10,19 @@ the device or on the caller's RNG state).
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moeify.architectures import read_weights
-from moeify.architectures.layouts import FFNWeights, Piece, get
+from moeify.architectures.layouts import FFNWeights, Piece, get, join, projection
 from moeify.config import MoeifyConfig
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import ConditioningContext, CrossAttentionRouter, RouterSpec, build_router
+from moeify.layers.wiring import AddResidual, ChannelsFirst, Handoff, SplitEntry, SplitExit
 from moeify.surgery.find import FFNSite
 from moeify.surgery.plan import ConversionPlan
 
@@ -40,7 +42,11 @@ def _packed(weights: FFNWeights, num_experts: int) -> PackedExperts:
         weights.intermediate_size,
         weights.out_features,
         gated=weights.gated,
-        act=weights.act,
+        # Its own copy: routed and shared experts must not share an activation with parameters
+        # (xIELU's alpha), which Law 2 zeroes in the shared ones.
+        act=copy.deepcopy(weights.act),
+        up_act=copy.deepcopy(weights.up_act),
+        post_act=copy.deepcopy(weights.post_act),
         bias_in=weights.b_in is not None,
         bias_out=weights.b_out is not None,
         mid_dropout=weights.mid_dropout,
@@ -88,10 +94,12 @@ def share_storage(experts: PackedExperts, weights: FFNWeights) -> list[nn.Parame
         offset = 0
         for piece in pieces:
             rows = piece.value().shape[0]
-            # A half of a fused [up; gate] projection maps to non-adjacent rows: leave it alone.
-            if piece.half is None and isinstance(piece.param, nn.Parameter):
+            # A half of a fused [up; gate] projection maps to non-adjacent rows, a grouped 1x1
+            # convolution to a block-diagonal expansion: leave those alone.
+            if piece.half is None and piece.groups == 1 and isinstance(piece.param, nn.Parameter):
                 view = packed[0, offset : offset + rows]
-                piece.param.data = view.t() if piece.transposed else view
+                # Conv1D's [in, out] is the transpose; a 1x1 convolution's [out, in, 1, ...] a view.
+                piece.param.data = view.t() if piece.transposed else view.view(piece.param.shape)
                 shared.append(piece.param)
             offset += rows
     return shared
@@ -155,6 +163,7 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
         balance_loss_weight=config.balance_loss_weight,
         z_loss_weight=config.z_loss_weight,
         entropy_loss_weight=config.entropy_loss_weight,
+        calls_per_forward=site.calls,
     )
     return layer, weights
 
@@ -202,24 +211,54 @@ class Swap:
     new: nn.Module
 
 
-def _set(model: nn.Module, path: str, new: nn.Module) -> Swap:
-    parent_path, _, attr = path.rpartition(".")
-    parent = get(model, parent_path)
-    old = getattr(parent, attr)
+def _set(model: nn.Module, path: str, new: nn.Module) -> list[Swap]:
+    """Put `new` where `path` is, and wherever else the model holds the same module object (one
+    module registered under two names stays one module)."""
+    old = get(model, path)
     # A new module is in training mode; it takes the mode of the one it replaces (an eval model
     # stays in eval, its experts' dropouts off).
     new.train(old.training)
-    setattr(parent, attr, new)
-    return Swap(parent, attr, old, new)
+    holders = [
+        (parent, attr)
+        for _, parent in model.named_modules(remove_duplicate=False)
+        for attr, child in parent._modules.items()
+        if child is old
+    ]
+    swaps = []
+    for parent, attr in dict.fromkeys(holders):
+        setattr(parent, attr, new)
+        swaps.append(Swap(parent, attr, old, new))
+    return swaps
+
+
+def _width_out(module: nn.Module) -> int:
+    weight, _ = projection(module)
+    return weight.value().shape[0]
 
 
 def install(model: nn.Module, site: FFNSite, layer: MoeLayer) -> list[Swap]:
-    """Swap instances (never classes): the MoE layer at `install_path`, nn.Identity for the
-    rest of a split FFN."""
-    swaps = [_set(model, site.install_path, layer)]
-    if site.layout is not None:
-        for path in site.layout.identities:
-            swaps.append(_set(model, f"{site.name}.{path}", nn.Identity()))
+    """Swap instances (never classes): the MoE layer at `install_path` (wrapped when the FFN adds
+    a residual itself, or is split over its block's forward), nn.Identity for the rest of a
+    chained FFN."""
+    layout = site.layout
+    if layout is None:
+        return _set(model, site.install_path, layer)
+    if layout.split:
+        handoff = Handoff()
+        swaps = []
+        for path in layout.entries:
+            full = join(site.name, path)
+            swaps += _set(model, full, SplitEntry(handoff, _width_out(get(model, full)), layout.channels_first))
+        return swaps + _set(model, site.install_path, SplitExit(layer, handoff, layout.channels_first))
+    if layout.residual is not None:
+        position, name = layout.residual
+        swaps = _set(model, site.install_path, AddResidual(layer, position=position, name=name))
+    elif layout.channels_first:
+        swaps = _set(model, site.install_path, ChannelsFirst(layer))
+    else:
+        swaps = _set(model, site.install_path, layer)
+    for path in layout.identities:
+        swaps += _set(model, join(site.name, path), nn.Identity())
     return swaps
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,11 +14,8 @@ from moeify.architectures import conditioning_for
 from moeify.architectures.layouts import get
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
-from moeify.surgery.find import FFNReport, FFNSite, _matches, find_ffns
-
-
-class ConversionError(ValueError):
-    """A model cannot be converted as asked; the message says why and what to do."""
+from moeify.surgery.errors import ConversionError
+from moeify.surgery.find import FFNReport, FFNSite, SkippedSite, _matches, find_ffns
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,24 @@ class ConversionPlan:
         return self.report.sites
 
 
-def _nothing_found(model: nn.Module, report: FFNReport, config: MoeifyConfig) -> ConversionError:
+def _pattern(name: str) -> str:
+    """A target_modules regex for a module and its siblings at every depth: `encoder.layer.3.ffn`
+    -> `encoder\\.layer\\.\\d+\\.ffn`."""
+    return re.sub(r"(^|\\\.)\d+(?=\\\.|$)", r"\1\\d+", re.escape(name))
+
+
+def _candidates(report: FFNReport, limit: int = 12) -> list[SkippedSite]:
+    """What looked like an FFN, or could not be looked into, one per class (the first)."""
+    seen: set[str] = set()
+    shown = []
+    for site in [*report.skipped, *report.unrun]:
+        if site.class_name not in seen:
+            seen.add(site.class_name)
+            shown.append(site)
+    return shown[:limit]
+
+
+def _nothing_found(model: nn.Module, report: FFNReport, config: MoeifyConfig, traced_on_inputs: bool) -> ConversionError:
     converted = [s.name for s in report.skipped if s.reason == "already converted by moeify"]
     if converted and config.target_modules is None:
         return ConversionError(
@@ -46,13 +62,36 @@ def _nothing_found(model: nn.Module, report: FFNReport, config: MoeifyConfig) ->
             "to change the recipe."
         )
     classes = ", ".join(report.module_classes[:40]) + (" ..." if len(report.module_classes) > 40 else "")
-    skipped = "".join(f"\n  - {s.name} [{s.class_name}]: {s.reason}" for s in report.skipped[:20])
+    usage = (
+        f"\nModule classes seen: {classes}.\nName the FFN modules yourself, like peft: moeify(model, "
+        "target_modules=['mlp']) (names or dotted suffixes) or target_modules=r'<regex>' (matched against the full "
+        "module name)"
+    )
+    unselected = [s for s in report.skipped if s.unselected]
+    if unselected:
+        shown = "".join(f"\n  - {s.name} [{s.class_name}]: {s.reason}" for s in unselected[:20])
+        return ConversionError(
+            f"moeify found {len(unselected)} FFN(s) in {type(model).__name__}, but target_modules / exclude_modules / "
+            f"layers leave every one dense:{shown}\nWiden the selection (find_ffns(model) lists every FFN found)."
+            + usage
+            + "."
+        )
+    candidates = _candidates(report)
+    lines = "".join(f"\n  - {s.name} [{s.class_name}]: {s.reason}" for s in candidates)
+    example = _pattern(candidates[0].name) if candidates else r".*\.mlp"
+    inputs = (
+        "\nBlocks that cannot run alone are traced on the inputs they receive in one forward of the model: pass "
+        "moeify(model, example_inputs=...) (a dict of keyword arguments, a tuple, or one tensor the model takes)."
+        if report.unrun and not traced_on_inputs
+        else ""
+    )
     return ConversionError(
-        f"moeify found no FFN to convert in {type(model).__name__}."
-        + (f" Skipped:{skipped}" if skipped else "")
-        + f"\nModule classes seen: {classes}.\nName the FFN modules yourself, like peft: "
-        "moeify(model, target_modules=['mlp']) (names or dotted suffixes) or "
-        "target_modules=r'.*\\.ffn' (a regex matched against the full module name)."
+        f"moeify found no FFN to convert in {type(model).__name__}: no block ran a projection -> activation -> "
+        "projection on its tokens."
+        + (f"\nCandidates, and why each was rejected:{lines}" if lines else "")
+        + inputs
+        + usage
+        + f"; for instance, a token-wise FFN moeify did not recognise: moeify(model, target_modules=r'{example}')"
     )
 
 
@@ -136,12 +175,12 @@ def _router_width(site: FFNSite, config: MoeifyConfig, model: nn.Module) -> int:
     return width
 
 
-def plan_conversion(model: nn.Module, config: MoeifyConfig) -> ConversionPlan:
+def plan_conversion(model: nn.Module, config: MoeifyConfig, example_inputs: Any = None) -> ConversionPlan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"moeify expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, MoeLayer):
         raise ConversionError("this module is already a moeify MoE layer; converting it again is refused")
-    report = find_ffns(model, config)
+    report = find_ffns(model, config, example_inputs=example_inputs)
     if config.target_modules is not None:
         # Name a converted layer the user targeted, not merely the first converted one.
         hit = [
@@ -153,7 +192,7 @@ def plan_conversion(model: nn.Module, config: MoeifyConfig) -> ConversionPlan:
         if targeted and not report.sites:
             raise ConversionError(f"{targeted[0]} is already converted by moeify; converting it again is refused")
     if not report.sites:
-        raise _nothing_found(model, report, config)
+        raise _nothing_found(model, report, config, example_inputs is not None)
     for site in report.sites:
         _check_site(model, site, config)
     _check_no_peft(model)

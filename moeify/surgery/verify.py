@@ -3,8 +3,6 @@ FFN, and optionally the converted model the dense model."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -13,33 +11,11 @@ from torch import Tensor, nn
 from moeify.layers.experts import ModuleExperts
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import ConditioningContext
+from moeify.surgery.compare import relative_error, tolerance_for
 from moeify.surgery.plan import ConversionError
+from moeify.surgery.trace import call, eval_mode
 
 _TOKENS = (2, 8)  # batch, tokens per sample: enough to hit every expert of a random router
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Dropout off for the comparison; each module's own train/eval flags restored afterwards."""
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """max |out - ref| relative to the output scale max |ref|."""
-    scale = ref.detach().abs().max().clamp_min(1e-12)
-    return float((out.detach().float() - ref.detach().float()).abs().max() / scale)
-
-
-def tolerance_for(dtype: torch.dtype, tolerance: float) -> float:
-    """Reduced-precision weights cannot match to 1e-5: allow a few units of their rounding."""
-    return max(tolerance, 8 * torch.finfo(dtype).eps) if dtype in (torch.float16, torch.bfloat16) else tolerance
 
 
 @torch.no_grad()
@@ -124,15 +100,14 @@ def _outputs(result: Any) -> list[Tensor]:
 
 
 @torch.no_grad()
-def run_model(model: nn.Module, example_inputs: Any) -> list[Tensor]:
-    call: Callable = model
-    with eval_mode(model):
-        if isinstance(example_inputs, dict):
-            result = call(**example_inputs)
-        elif isinstance(example_inputs, (list, tuple)):
-            result = call(*example_inputs)
-        else:
-            result = call(example_inputs)
+def run_model(model: nn.Module, example_inputs: Any, seed: int = 0) -> list[Tensor]:
+    """The model's floating outputs on the inputs, in eval mode, with the CPU and CUDA RNGs seeded
+    (and the caller's restored): a forward that draws random numbers (ViT-MAE's masking noise)
+    draws the same ones for the dense and the converted model."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        result = call(model, example_inputs)
     # Routing counts of the check are not training statistics.
     for module in model.modules():
         if isinstance(module, MoeLayer):

@@ -21,15 +21,16 @@ VOCAB, BATCH, SEQ, TOY_IN = 100, 2, 8, 8
 
 
 class OddFFN(nn.Module):
-    """Not a recognised FFN layout (an extra gain vector): converted through the generic path."""
+    """Not a packable FFN (a learnable gain between the projections, which no packed activation
+    can hold): converted through the generic path."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-        self.gain = nn.Parameter(torch.ones(d))
+        self.gain = nn.Parameter(torch.ones(2 * d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.tanh(self.a(x))) * self.gain
+        return self.b(torch.tanh(self.a(x)) * self.gain)
 
 
 class PlainFFN(nn.Module):
