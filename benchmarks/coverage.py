@@ -84,21 +84,42 @@ def _worst(dense: list, converted: list) -> float:
     return max((relative_error(c, d) for d, c in zip(dense, converted)), default=0.0)
 
 
+def _ffn_shaped_block(model: Any, report: Any) -> str | None:
+    """Where two projections (or 1x1 convolutions) of one block could chain D -> I -> D (I > D),
+    outside every module skipped for a correct reason: a missed FFN, or one to look at by hand.
+    "One block": their common parent is at most two levels above each (`mlp.fc1` / `mlp.fc2`,
+    BERT's `intermediate.dense` / `output.dense`), not two stages of a network."""
+    from moeify.surgery.discover import _pointwise_shape
+
+    skipped = tuple(s.name + "." for s in report.skipped)
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        shape = _pointwise_shape(module)
+        if shape is not None and not (name + ".").startswith(skipped):
+            by_shape.setdefault(shape, []).append(name)
+    for (i_out, d_in), ins in by_shape.items():
+        for (d_out, i_in), outs in by_shape.items():
+            if d_out != d_in or i_in <= d_in or i_out not in (i_in, 2 * i_in):
+                continue
+            for a in ins:
+                for b in outs:
+                    parent = os.path.commonprefix([a.split("."), b.split(".")])
+                    if max(a.count("."), b.count(".")) + 1 - len(parent) <= 2:
+                        return ".".join(parent) or "the model"
+    return None
+
+
 def classify_refusal(model: Any, report: Any) -> tuple[bool, str]:
     """Whether a model with no FFN converted was refused for a correct reason, and the reason."""
-    from moeify.surgery.discover import ffn_shaped
-
     reasons = [s.reason for s in report.skipped]
     if report.unrun:
         return False, f"blocks that could not run alone: {report.unrun[0].reason}"
     unexplained = [r for r in reasons if not any(ok in r for ok in CORRECT_REASONS)]
     if unexplained:
         return False, unexplained[0]
-    # Weights that could form an FFN outside every module skipped for a correct reason: a missed FFN.
-    skipped = tuple(s.name + "." for s in report.skipped)
-    leaves = [m for n, m in model.named_modules() if not (n + ".").startswith(skipped)]
-    if ffn_shaped(model, leaves):
-        return False, "FFN-shaped weights (D -> I -> D projections or 1x1 convolutions), but no FFN was found"
+    block = _ffn_shaped_block(model, report)
+    if block is not None:
+        return False, f"FFN-shaped weights in {block} (D -> I -> D projections or 1x1 convolutions), but no FFN was found"
     if not reasons:
         return True, "no FFN-shaped computation (no two projections D -> I -> D)"
     return True, sorted(set(reasons))[0]

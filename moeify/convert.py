@@ -99,7 +99,14 @@ def moeify(
         apply.attach_conditioning(model, layers, plan.conditioning.arg)
     if dense_outputs is not None:
         try:
-            converted = verify.run_model(model, example_inputs)
+            try:
+                converted = verify.run_model(model, example_inputs)
+            except Exception as error:
+                raise ConversionError(
+                    f"the converted {type(model).__name__} fails on example_inputs ({type(error).__name__}: {error}); "
+                    "its code may read something of a module moeify replaced. The model was left unchanged: leave "
+                    "that FFN out with exclude_modules (find_ffns(model) lists the sites)"
+                ) from error
             dtype = next(model.parameters()).dtype
             verify.check_model(dense_outputs, converted, config.verify_tolerance, dtype)
         except BaseException:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moeify.surgery.compare import relative_error
 from moeify.surgery.trace import Node, Ref, Trace, is_leaf
 
 # Functions (by name: torch.x, Tensor.x, F.x and their dunder / in-place forms) that act on each
@@ -37,6 +38,8 @@ ELEMENTWISE = frozenset(
     to float half bfloat16 double type type_as contiguous clone detach""".split()
 )
 DROPOUT = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
+# Reductions that stay token-wise when they run over the channels with keepdim (split_dim checks).
+CHANNEL_REDUCTIONS = frozenset({"mean", "std", "var", "sum", "amax", "amin", "norm", "logsumexp"})
 SPLITS = frozenset({"chunk", "split", "tensor_split", "getitem", "narrow", "unbind"})
 # Token-mixing ops that make a near-miss worth explaining.
 _CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d"})
@@ -177,16 +180,35 @@ def sliced(index: object, rank: int) -> tuple[int, slice] | None:
 
 
 def split_dim(trace: Trace, node: Node) -> int | None:
-    """The (non-negative) dimension a split node divides (chunk, split, narrow, a slice), or None
-    when the node is no clean split of one dimension."""
-    if node.kind != "func" or op_name(node) not in SPLITS or not node.refs():
+    """The (non-negative) dimension a split node divides (chunk, split, narrow, a slice), or a
+    keepdim reduction reduces (a per-token mean or std over the channels, as Gemma 3n's activation
+    sparsity takes), or None when the node is neither over one dimension."""
+    name = op_name(node)
+    if node.kind != "func" or name not in SPLITS | CHANNEL_REDUCTIONS or not node.refs():
         return None
     rank = trace.value(node.refs()[0]).dim()
-    if op_name(node) == "getitem":
+    if name == "getitem":
         found = sliced(node.args[1], rank) if len(node.args) > 1 else None
         return found[0] if found else None
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if name in CHANNEL_REDUCTIONS:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+        if not node.kwargs.get("keepdim", False):
+            return None
+    else:
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
     return dim % rank if isinstance(dim, int) and -rank <= dim < rank else None
+
+
+def is_constant(trace: Trace, node: Node) -> bool:
+    """A function of constants only (`torch.tensor(0.95)` and what is computed from it): it has
+    one value, whatever the tokens."""
+    if node.kind != "func":
+        return False
+    memo = trace.__dict__.setdefault("_constant", {})
+    if node.index not in memo:
+        memo[node.index] = all(is_constant(trace, trace.node(r)) for r in node.refs())
+    return memo[node.index]
 
 
 def is_split(trace: Trace, node: Node) -> bool:
@@ -207,7 +229,7 @@ def _elementwise(trace: Trace, node: Node) -> bool:
         return keeps_shape and not drops_samples and not batch_statistics and projection(trace, node) is None
     if node.kind != "func":
         return False
-    if not node.refs():
+    if is_constant(trace, node):
         return True  # a constant the forward makes (`torch.tensor(0.79)`): replayed as a value
     name = op_name(node)
     return name in ELEMENTWISE or name in DROPOUT or is_split(trace, node)
@@ -320,10 +342,12 @@ def _pooled(trace: Trace, x: Ref) -> bool:
 
 
 def _contained(trace: Trace, produced: set[int], allowed: set[int]) -> bool:
-    """Every output of `produced` is read only by nodes in `allowed`."""
+    """Every output of `produced` is read only by nodes in `allowed` (constants, the same whatever
+    the tokens, may be read anywhere)."""
     return all(
         consumer in allowed
         for index in produced
+        if not is_constant(trace, trace.nodes[index])
         for pos in range(len(trace.nodes[index].outputs))
         for consumer in trace.consumers(Ref(index, pos))
     )
@@ -482,7 +506,7 @@ def _is_norm(trace: Trace, node: Node) -> bool:
         return False
     if not isinstance(doubled, Tensor) or doubled.shape != node.out().shape:
         return False
-    return torch.allclose(doubled, node.out(), rtol=1e-4, atol=1e-5)
+    return relative_error(doubled, node.out()) < 1e-4  # relative: weights of 1e-10 (SAM's init) are not zero
 
 
 def _nonlinear(trace: Trace, nodes: tuple[int, ...]) -> bool:
@@ -547,49 +571,53 @@ def match_at(trace: Trace, out_node: Node) -> Match:
     )
 
 
-# Ops that carry an FFN's output to the residual add unchanged in kind: a gate or a layer scale,
-# a dropout, a cast, a reshape back to the block's layout.
-_CARRY = _PASS_THROUGH | frozenset({"mul", "div", "permute", "transpose", "reshape", "view", "flatten", "movedim"})
+# Ops that carry an FFN's output on towards the residual add: element-wise ones (a gate, a layer
+# scale, a clamp), dropouts, casts, reshapes back to the block's layout.
+_CARRY = ELEMENTWISE | _PASS_THROUGH | frozenset({"permute", "transpose", "reshape", "view", "flatten", "movedim"})
 
 
-def feeds_residual(trace: Trace, y: Ref, limit: int = 12) -> bool:
-    """Whether the FFN output `y` reaches an add (the residual stream) or leaves the trace, through
-    gates, scales, dropouts, norms and reshapes only. False when it feeds another projection
-    first: then it is a layer of a prediction head (box_head = lin -> relu -> lin -> relu -> lin),
-    not an FFN of the stream."""
-    frontier, seen = [y], 0
+def feeds_residual(trace: Trace, y: Ref, limit: int = 12) -> str | None:
+    """Where the FFN output `y` goes, through gates, scales, dropouts, norms and reshapes only:
+    "add" (the residual stream), "out" (it leaves the trace: what happens next cannot be seen
+    here), or None when it feeds another projection first: then it is a layer of a prediction
+    head (box_head = lin -> relu -> lin -> relu -> lin), not an FFN of the stream."""
+    frontier, seen, leaves = [y], 0, False
     while frontier and seen < limit:
         ref = frontier.pop()
         seen += 1
         for index in trace.consumers(ref):
             if index < 0:
-                return True  # leaves the trace: what happens next cannot be seen here
+                leaves = True
+                continue
             node = trace.nodes[index]
             name = op_name(node) if node.kind == "func" else ""
             if name in ("add", "sub") or dropout_p(trace, node) is not None:
                 if name in ("add", "sub"):
-                    return True
+                    return "add"
             elif not (
                 name in _CARRY or (node.kind == "module" and projection(trace, node) is None and len(node.outputs) == 1)
             ):
                 continue
             frontier.extend(Ref(index, pos) for pos in range(len(node.outputs)))
-    return False
+    return "out" if leaves else None
 
 
 def follows_activation(trace: Trace, x: Ref) -> bool:
     """Whether the FFN input `x` is an activation of another projection's output (through dropouts
     and casts): the FFN is then a later layer of a multi-layer MLP (a head), not a block's FFN,
-    whose input is a norm or the residual stream itself."""
+    whose input is a norm or the residual stream itself. An activation: a function such as relu, or
+    a leaf module without parameters (a norm has its gain)."""
     node = trace.node(x)
     while (
         node.kind != "input" and (dropout_p(trace, node) is not None or op_name(node) in _PASS_THROUGH) and node.refs()
     ):
         node = trace.node(node.refs()[0])
-    activation = (node.kind == "module" and projection(trace, node) is None) or op_name(node) in _ACTIVATIONS
-    if not activation or node.kind == "input" or len(node.refs()) != 1:
-        return False
-    if node.kind == "module" and _is_norm(trace, node):
+    if node.kind == "module":
+        module = trace.modules[node.target]
+        activation = projection(trace, node) is None and next(module.parameters(), None) is None
+    else:
+        activation = op_name(node) in _ACTIVATIONS
+    if not activation or len(node.refs()) != 1:
         return False
     return projection(trace, trace.node(node.refs()[0])) is not None
 

@@ -242,10 +242,13 @@ def _rows_check(act: nn.Module, source: Tensor, result: Tensor, channel: int) ->
 def _not_a_block_ffn(trace: Trace, match: Match) -> str:
     """Why an FFN-shaped match is no FFN of a block's residual stream (empty: it is one)."""
     x, y = trace.value(match.x), trace.value(match.y)
-    if x.shape[match.channel] != y.shape[match.channel]:
-        return "output size differs from input size: not a residual FFN"  # a projector, a head (D -> V)
-    if not feeds_residual(trace, match.y) or follows_activation(trace, match.x):
+    goes = feeds_residual(trace, match.y)
+    if goes is None or follows_activation(trace, match.x):
         return "a layer of a multi-layer MLP head (its input or output is another layer's), not a block's FFN"
+    if x.shape[match.channel] != y.shape[match.channel] and goes != "add":
+        # A projector or a head (D -> V); an FFN of another width (LightGlue's, on a concatenation)
+        # only where the trace shows its output reach the residual add.
+        return "output size differs from input size: not a residual FFN"
     return ""
 
 

@@ -14,6 +14,7 @@ from moeify.architectures.registry import classify, required_positional_args
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
 from moeify.surgery.capture import capture_calls
+from moeify.surgery.dataflow import pointwise_conv
 from moeify.surgery.discover import Analyser, Analysis, ffn_shaped, worth_tracing
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
@@ -157,7 +158,7 @@ def _site(
         weights = read_weights(module, layout)
     except (ValueError, AttributeError) as error:
         return SkippedSite(name, class_name, f"does not fit its {layout.kind} layout: {error}")
-    if weights.out_features != weights.in_features:
+    if weights.out_features != weights.in_features and source == "registry":
         return SkippedSite(name, class_name, "output size differs from input size: not a residual FFN")
     reason = _selection_reason(config, (name, install_path), layer_index(name))
     if reason:
@@ -272,12 +273,18 @@ class _Walk:
         ]
 
     def force_targets(self, model: nn.Module) -> None:
-        """target_modules naming a module no FFN was found in: the generic path (deep copies)."""
-        if self.config.target_modules is None:
+        """target_modules naming modules no FFN was found in: the generic path (deep copies). A
+        pattern (the regex, or one name of the list) that selects FFNs found here only selects:
+        `r".*language_model\\..*"` converts the language model's FFNs, not its norms."""
+        targets = self.config.target_modules
+        if targets is None:
             return
+        patterns = [targets] if isinstance(targets, str) else [(t,) for t in targets]
+        found = [(s.name, s.install_path) for s in self.sites]
+        forcing = [p for p in patterns if not any(_matches(p, names) for names in found)]
         taken = self.known + [s.install_path for s in self.sites]
         for name, module in model.named_modules():
-            if not name or not _matches(self.config.target_modules, (name,)) or isinstance(module, MoeLayer):
+            if not name or isinstance(module, MoeLayer) or not any(_matches(p, (name,)) for p in forcing):
                 continue
             if any(name == t or name.startswith(t + ".") or t.startswith(name + ".") for t in taken):
                 continue
@@ -286,6 +293,8 @@ class _Walk:
 
     def _generic(self, name: str, module: nn.Module) -> FFNSite | SkippedSite:
         class_name = type(module).__name__
+        if not any(isinstance(m, nn.Linear) or pointwise_conv(m) or type(m).__name__ == "Conv1D" for m in module.modules()):
+            return SkippedSite(name, class_name, "targeted, but it holds no projection (nn.Linear, Conv1D, 1x1 conv): not an FFN")
         required = required_positional_args(module)
         if len(required) != 1:
             return SkippedSite(name, class_name, f"targeted, but its forward takes {required}, not the hidden states alone")

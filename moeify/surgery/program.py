@@ -19,10 +19,20 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from moeify.layers.traced import Const, Slot, Step, TracedActivation
-from moeify.surgery.dataflow import DROPOUT, ELEMENTWISE, SPLITS, base_name, op_name, sliced, split_dim
+from moeify.surgery.dataflow import (
+    CHANNEL_REDUCTIONS,
+    DROPOUT,
+    ELEMENTWISE,
+    SPLITS,
+    base_name,
+    is_constant,
+    op_name,
+    sliced,
+    split_dim,
+)
 from moeify.surgery.trace import External, Node, Ref, Trace
 
-ALLOWED = ELEMENTWISE | DROPOUT | SPLITS  # every function a recorded program may call
+ALLOWED = ELEMENTWISE | DROPOUT | SPLITS | CHANNEL_REDUCTIONS  # every function a recorded program may call
 
 
 class NotReplayable(Exception):
@@ -50,7 +60,8 @@ def _on_rows(trace: Trace, node: Node, args: tuple, kwargs: dict, channel: int) 
         return (args[0], (Ellipsis, part)), kwargs
     if "dim" in kwargs:
         return args, {**kwargs, "dim": -1}
-    return (*args[:2], -1, *args[3:]), kwargs
+    at = 1 if op_name(node) in CHANNEL_REDUCTIONS else 2  # mean(x, dim) / chunk(x, chunks, dim)
+    return (*args[:at], -1, *args[at + 1 :]), kwargs
 
 
 @dataclass(frozen=True)
@@ -226,7 +237,7 @@ class _Builder:
 
     def add(self, index: int) -> None:
         node = self.trace.nodes[index]
-        if not node.refs() and node.kind == "func":  # a constant the code made: keep its value
+        if is_constant(self.trace, node):  # a constant the code made: keep its value
             for pos, value in enumerate(node.outputs):
                 self.slots[Ref(index, pos)] = self.constant(value)
             return
