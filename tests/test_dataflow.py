@@ -206,6 +206,28 @@ def test_functional_activations_pack(make, kind: str, gate_first: bool) -> None:
     assert isinstance(experts, PackedExperts) and isinstance(experts.act, TracedActivation)
 
 
+def test_a_dropout_before_the_activation_drops_in_training_only() -> None:
+    """Reformer's `act(dropout(dense(x)))`: the dropout is replayed inside the experts' activation
+    with the activation's own train/eval flag."""
+
+    class DropFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(D, I), nn.Linear(I, D)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.down(torch.relu(F.dropout(self.up(x), 0.5, self.training)))
+
+    torch.manual_seed(0)
+    model = converted_exactly(Net(PreNorm(DropFirst())))
+    act = only_layer(model).experts.act
+    assert "training=self.training" in repr(act)
+    h = torch.randn(64, I)
+    assert torch.equal(act.eval()(h), torch.relu(h))
+    dropped = act.train()(h)
+    assert 0.3 < float((dropped == 0).float().mean()) < 0.8 and torch.allclose(dropped[dropped != 0], 2 * torch.relu(h)[dropped != 0])
+
+
 def test_the_recorded_activation_reads_like_code() -> None:
     torch.manual_seed(0)
     model = Net(PreNorm(TanhGelu()))

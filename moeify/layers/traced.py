@@ -36,6 +36,12 @@ class Const:
 
 
 @dataclass(frozen=True)
+class Training:
+    """The `training` argument of a recorded dropout: the replay's own train/eval flag (recorded in
+    eval mode, it must still drop in training)."""
+
+
+@dataclass(frozen=True)
 class Step:
     fn: Callable | str  # a torch function, or the key of a module in `TracedActivation.fns`
     args: tuple
@@ -43,6 +49,8 @@ class Step:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, Training):
+        return "self.training"
     if isinstance(value, Const):
         return value.name
     if isinstance(value, Slot):
@@ -76,6 +84,8 @@ class TracedActivation(nn.Module):
         values: list[Any] = [x]
 
         def resolve(value: Any) -> Any:
+            if isinstance(value, Training):
+                return self.training
             if isinstance(value, Const):
                 return getattr(self, value.name)
             if not isinstance(value, Slot):

@@ -226,7 +226,10 @@ def _elementwise(trace: Trace, node: Node) -> bool:
         keeps_shape = len(refs) == 1 and len(node.outputs) == 1 and trace.value(refs[0]).shape == node.out().shape
         drops_samples = getattr(module, "drop_prob", 0) != 0  # stochastic depth: not per token
         batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm)  # mixes the batch in training
-        return keeps_shape and not drops_samples and not batch_statistics and projection(trace, node) is None
+        convolution = isinstance(module, nn.modules.conv._ConvNd)  # over neighbouring tokens, or a projection
+        return (
+            keeps_shape and not (drops_samples or batch_statistics or convolution) and projection(trace, node) is None
+        )
     if node.kind != "func":
         return False
     if is_constant(trace, node):
@@ -545,8 +548,6 @@ def match_at(trace: Trace, out_node: Node) -> Match:
         up_nodes = ()  # only casts and no-ops on the up side
     if not _nonlinear(trace, act_nodes):
         raise _NotFFN()  # nothing (a LoRA adapter) or only a norm between the projections
-    if any(dropout_p(trace, trace.nodes[i]) for i in act_nodes + up_nodes + post_nodes):
-        raise _NotFFN()  # a dropout inside the activation cannot be replayed as one
     return Match(
         kind=kind,
         proj_in=proj_in,

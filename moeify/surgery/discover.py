@@ -52,12 +52,22 @@ def _is_projection(module: nn.Module) -> bool:
     return isinstance(weight, Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
 
 
+# A transformer block holds at least its attention's and its FFN's projections.
+BLOCK_PROJECTIONS = 4
+
+
 def _is_stack(module: nn.Module) -> bool:
-    """A list of repeated blocks (two containers of one class): traced block by block instead."""
+    """A list of repeated blocks (two containers of one class, each with an attention's and an
+    FFN's worth of projections): traced block by block instead. A list of small FFNs inside a
+    block (MobileBERT's) is no stack."""
     if not isinstance(module, (nn.ModuleList, nn.Sequential)):
         return False
-    kinds = [type(m) for m in module.children() if not is_leaf(m)]
+    kinds = [type(m) for m in module.children() if not is_leaf(m) and _projections(m) >= BLOCK_PROJECTIONS]
     return len(kinds) != len(set(kinds))
+
+
+def _projections(module: nn.Module) -> int:
+    return sum(_pointwise_shape(sub) is not None for sub in module.modules())
 
 
 # An embedding this large holds a vocabulary: its module is a whole model, not a block (a block may
@@ -69,13 +79,11 @@ def worth_tracing(module: nn.Module) -> bool:
     """Cheap static filters: a module that could hold an FFN and whose trace stays small."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or is_leaf(module):
         return False
-    projections = 0
     for sub in module.modules():
         vocabulary = isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.num_embeddings >= VOCABULARY
         if vocabulary or _is_stack(sub):
             return False  # a whole model or a stack of blocks: look at the blocks
-        projections += _pointwise_shape(sub) is not None
-    return projections >= 2
+    return _projections(module) >= 2
 
 
 def _pointwise_shape(module: nn.Module) -> tuple[int, int] | None:

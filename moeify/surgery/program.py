@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from moeify.layers.traced import Const, Slot, Step, TracedActivation
+from moeify.layers.traced import Const, Slot, Step, TracedActivation, Training
 from moeify.surgery.dataflow import (
     CHANNEL_REDUCTIONS,
     DROPOUT,
@@ -168,6 +168,8 @@ def _encode(value: Any) -> Any:  # noqa: C901 - one branch per kind of value a r
         return {"slot": [value.step, value.pos]}
     if isinstance(value, Const):
         return {"const": value.name}
+    if isinstance(value, Training):
+        return {"training": True}
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, slice):
@@ -195,6 +197,8 @@ def _decode(value: Any) -> Any:  # noqa: C901 - the inverse of _encode
         return Slot(int(step), None if pos is None else int(pos))
     if "const" in value:
         return Const(str(value["const"]))
+    if "training" in value:
+        return Training()
     if "dtype" in value:
         return _dtype(value["dtype"])
     if "slice" in value:
@@ -242,6 +246,11 @@ class _Builder:
                 self.slots[Ref(index, pos)] = self.constant(value)
             return
         args, kwargs = tree_map(self.convert, node.args), tree_map(self.convert, node.kwargs)
+        if node.kind == "func" and op_name(node) in DROPOUT:  # drops in training, as it did in the block
+            if "training" in kwargs or len(args) <= 2:
+                kwargs = {**kwargs, "training": Training()}
+            else:
+                args = (*args[:2], Training(), *args[3:])
         if self.channel is not None:
             args, kwargs = _on_rows(self.trace, node, args, kwargs, self.channel)
         fn: Callable | str = node.target
