@@ -8,11 +8,13 @@ An FFN is an output projection whose input is a token-wise, parameter-light func
     fused_gated  out(f(g) * u), g, u = in(x) split  Phi-3's gate_up_proj, diffusers' GEGLU
 
 A projection is a leaf module with a 2-D weight (nn.Linear, GPT-2's Conv1D) applied to the last
-dimension. The region may hold any torch function from `ELEMENTWISE`, splits of the last
-dimension, dropout, and parameter-free or norm-like leaf modules that keep the shape (activation
-modules, a LayerNorm inside the FFN); anything else (attention, a convolution over tokens, a
-concatenation with another branch) means no FFN, and some of those are reported as `Miss`es
-with the reason, for the error a user reads when nothing was found.
+dimension, or a 1x1 convolution applied to the channels (moeify.surgery.ops). The region may hold
+element-wise functions, splits and per-token reductions of the channels, dropouts, constants, and
+leaf modules that keep the shape and are no projection (activation modules, a norm inside the
+FFN); anything else (attention, a convolution over tokens, a concatenation with another branch)
+means no FFN, and some of those are reported as `Miss`es with the reason (moeify.surgery.context),
+for the error a user reads when nothing was found. For gated kinds the up half may pass through a
+function of its own (`up_*`) and the product through another (`post_*`).
 
 Shape legend: T tokens, D model dim, I intermediate dim.
 """
@@ -21,49 +23,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-
-from moeify.surgery.compare import relative_error
-from moeify.surgery.trace import Node, Ref, Trace, is_leaf
-
-# Functions (by name: torch.x, Tensor.x, F.x and their dunder / in-place forms) that act on each
-# element alone, so on each token alone, whatever the tensor's rank.
-ELEMENTWISE = frozenset(
-    """add sub rsub mul div true_divide pow neg abs exp exp2 log log1p log2 expm1 sqrt rsqrt square
-    reciprocal tanh sigmoid erf erfc erfinv sin cos clamp clip clamp_min clamp_max minimum maximum where
-    sign floor ceil round trunc gt lt ge le eq ne logical_not logical_and logical_or
-    gelu silu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid hardtanh logsigmoid
-    softsign tanhshrink threshold
-    to float half bfloat16 double type type_as contiguous clone detach""".split()
+from moeify.surgery.context import explain, pooled
+from moeify.surgery.ops import (
+    ACTIVATIONS,
+    PASS_THROUGH,
+    channel_dim,
+    dropout_p,
+    elementwise,
+    is_constant,
+    is_norm,
+    is_split,
+    op_name,
+    projection,
+    sliced,
+    split_dim,
 )
-DROPOUT = frozenset({"dropout", "feature_dropout", "alpha_dropout"})
-# Reductions that stay token-wise when they run over the channels with keepdim (split_dim checks).
-CHANNEL_REDUCTIONS = frozenset({"mean", "std", "var", "sum", "amax", "amin", "norm", "logsumexp"})
-SPLITS = frozenset({"chunk", "split", "tensor_split", "getitem", "narrow", "unbind"})
-# Token-mixing ops that make a near-miss worth explaining.
-_CONVOLUTIONS = frozenset({"conv1d", "conv2d", "conv3d"})
-_ATTENTION = frozenset({"scaled_dot_product_attention", "softmax", "matmul", "bmm", "baddbmm", "einsum"})
-# Poolings: an MLP on their output (squeeze-and-excitation) acts on a summary, not on tokens.
-_POOLINGS = frozenset(
-    {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d"}
-)
-_REDUCTIONS = frozenset(
-    {"norm", "vector_norm", "linalg_vector_norm", "mean", "sum", "amax", "amin", "std", "var", "logsumexp", "cumsum"}
-)
-
-
-def base_name(name: str) -> str:
-    """`add`, `__iadd__`, `__radd__` and `add_` all read as `add`."""
-    name = name.strip("_")
-    if name.startswith(("r", "i")) and name[1:] in ELEMENTWISE and name not in ELEMENTWISE:
-        name = name[1:]  # __radd__, __imul__
-    return name[:-1] if name.endswith("_") and name[:-1] in ELEMENTWISE else name
-
-
-def op_name(node: Node) -> str:
-    """The base name of a node's function (`torch.add`, `Tensor.__iadd__`: "add")."""
-    return base_name(getattr(node.target, "__name__", "") or "")
+from moeify.surgery.trace import Node, Ref, Trace
 
 
 @dataclass(frozen=True)
@@ -109,196 +84,6 @@ class _NotFFN(Exception):
         self.reason = reason
 
 
-def pointwise_conv(module: nn.Module) -> bool:
-    """A 1x1 convolution: a projection of the channels (dim 1) at every position (grouped: a
-    block-diagonal one)."""
-    return (
-        isinstance(module, nn.modules.conv._ConvNd)
-        and not module.transposed
-        and all(k == 1 for k in module.kernel_size)
-        and all(s == 1 for s in module.stride)
-        and all(d == 1 for d in module.dilation)
-        and (module.padding in ("valid", "same") or all(p == 0 for p in module.padding))
-    )
-
-
-def projection(trace: Trace, node: Node) -> nn.Module | None:
-    """The leaf module of a node if it projects one tensor's last dimension (a 2-D weight:
-    nn.Linear, GPT-2's Conv1D) or its channels (a 1x1 convolution)."""
-    if node.kind != "module":
-        return None
-    module = trace.modules[node.target]
-    weight = getattr(module, "weight", None)
-    refs = node.refs()
-    if not isinstance(weight, Tensor) or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return None
-    # Called with the tensor alone, returning it alone: what a SplitEntry or a MoE layer can stand for.
-    if len(refs) != 1 or not node.single or tuple(node.args) != (refs[0],):
-        return None
-    x, y = trace.value(refs[0]), node.out()
-    if pointwise_conv(module):
-        same = x.dim() == len(module.kernel_size) + 2 and x.shape[:1] + x.shape[2:] == y.shape[:1] + y.shape[2:]
-        return module if same else None
-    if weight.dim() != 2 or x.dim() < 2 or x.shape[:-1] != y.shape[:-1]:
-        return None
-    return module
-
-
-def channel_dim(trace: Trace, node: Node) -> int:
-    """The (non-negative) dimension a projection node projects: 1 for a 1x1 convolution."""
-    rank = trace.value(node.refs()[0]).dim()
-    return 1 if isinstance(trace.modules[node.target], nn.modules.conv._ConvNd) else rank - 1
-
-
-def dropout_p(trace: Trace, node: Node) -> float | None:
-    """p of a dropout node (functional or nn.Dropout), None if the node is no dropout."""
-    if node.kind == "module":
-        module = trace.modules[node.target]
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            return float(module.p)
-        # Stochastic depth (timm's DropPath and its copies) drops whole samples, which no per-token
-        # dropout reproduces; at rate 0 it is the identity, the only case read as a dropout here.
-        return 0.0 if getattr(module, "drop_prob", None) == 0 and is_leaf(module) else None
-    if op_name(node) not in DROPOUT:
-        return None
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    return float(p)
-
-
-def sliced(index: object, rank: int) -> tuple[int, slice] | None:
-    """(dim, slice) if indexing a rank-`rank` tensor with `index` slices one dimension and keeps
-    every other whole (`x[..., :n]`, `x[:, n:]`); None otherwise."""
-    index = index if isinstance(index, tuple) else (index,)
-    if any(i is Ellipsis for i in index):
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1 :]
-    index = index + (slice(None),) * (rank - len(index))
-    if len(index) != rank or not all(isinstance(i, slice) for i in index):
-        return None
-    cut = [(dim, i) for dim, i in enumerate(index) if i != slice(None)]
-    return cut[0] if len(cut) == 1 else None
-
-
-def split_dim(trace: Trace, node: Node) -> int | None:
-    """The (non-negative) dimension a split node divides (chunk, split, narrow, a slice), or a
-    keepdim reduction reduces (a per-token mean or std over the channels, as Gemma 3n's activation
-    sparsity takes), or None when the node is neither over one dimension."""
-    name = op_name(node)
-    if node.kind != "func" or name not in SPLITS | CHANNEL_REDUCTIONS or not node.refs():
-        return None
-    rank = trace.value(node.refs()[0]).dim()
-    if name == "getitem":
-        found = sliced(node.args[1], rank) if len(node.args) > 1 else None
-        return found[0] if found else None
-    if name in CHANNEL_REDUCTIONS:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
-        if not node.kwargs.get("keepdim", False):
-            return None
-    else:
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    return dim % rank if isinstance(dim, int) and -rank <= dim < rank else None
-
-
-def is_constant(trace: Trace, node: Node) -> bool:
-    """A function of constants only (`torch.tensor(0.95)` and what is computed from it): it has
-    one value, whatever the tokens."""
-    if node.kind != "func":
-        return False
-    memo = trace.__dict__.setdefault("_constant", {})
-    if node.index not in memo:
-        memo[node.index] = all(is_constant(trace, trace.node(r)) for r in node.refs())
-    return memo[node.index]
-
-
-def is_split(trace: Trace, node: Node) -> bool:
-    return split_dim(trace, node) is not None
-
-
-def _elementwise(trace: Trace, node: Node) -> bool:
-    """May this node sit between an FFN's projections? Functions that act element by element (or
-    split the channels), and leaf modules that keep the shape and are no projection (activation
-    modules, a norm, a per-channel gain): what such a module does to other tokens the token-wise
-    check tells afterwards (moeify.surgery.discover)."""
-    if node.kind == "module":
-        module = trace.modules[node.target]
-        refs = node.refs()
-        keeps_shape = len(refs) == 1 and len(node.outputs) == 1 and trace.value(refs[0]).shape == node.out().shape
-        drops_samples = getattr(module, "drop_prob", 0) != 0  # stochastic depth: not per token
-        batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm)  # mixes the batch in training
-        convolution = isinstance(module, nn.modules.conv._ConvNd)  # over neighbouring tokens, or a projection
-        return (
-            keeps_shape and not (drops_samples or batch_statistics or convolution) and projection(trace, node) is None
-        )
-    if node.kind != "func":
-        return False
-    if is_constant(trace, node):
-        return True  # a constant the forward makes (`torch.tensor(0.79)`): replayed as a value
-    name = op_name(node)
-    return name in ELEMENTWISE or name in DROPOUT or is_split(trace, node)
-
-
-def _convolution(trace: Trace, node: Node) -> str:
-    """The reason a convolution over tokens gives, if `node` is one (empty otherwise)."""
-    if node.kind == "module":
-        module = trace.modules[node.target]
-        if isinstance(module, nn.modules.conv._ConvNd) and max(module.kernel_size) > 1:
-            return (
-                f"convolutional FFN: {node.target} (kernel {tuple(module.kernel_size)}) mixes neighbouring tokens "
-                "between the projections, so the FFN is not token-wise"
-            )
-        return ""
-    if op_name(node) in _CONVOLUTIONS:
-        return "convolutional FFN: a convolution between the projections mixes neighbouring tokens"
-    return ""
-
-
-def _explain(trace: Trace, node: Node) -> str:
-    """Why a non-elementwise node between two projections rules the FFN out (empty: it is no FFN,
-    nothing worth saying). Looked for upstream of `node`, up to the projection it starts from: a
-    convolution over tokens, attention concatenated with the MLP activations, or a reduction
-    over the token positions."""
-    upstream = _upstream(trace, node)
-    if upstream is None:
-        return ""  # no projection behind it: not between two projections
-    if op_name(node) == "cat" and any(op_name(n) in _ATTENTION for n in upstream):
-        return (
-            "parallel attention + MLP block: the MLP activations are concatenated with the attention output and "
-            "projected together, so the MLP cannot be replaced token-wise on its own"
-        )
-    for candidate in upstream:
-        reason = _convolution(trace, candidate)
-        if reason:
-            return reason
-        if candidate.kind == "module" and isinstance(trace.modules[candidate.target], nn.modules.batchnorm._BatchNorm):
-            return (
-                f"not token-wise: batch normalization ({candidate.target}) between the projections mixes the tokens "
-                "of a batch in training"
-            )
-    if op_name(node) in _REDUCTIONS:
-        return f"not token-wise: a {op_name(node)} between the projections reduces over the token positions"
-    return ""
-
-
-def _upstream(trace: Trace, node: Node, limit: int = 24) -> list[Node] | None:
-    """`node` and the nodes feeding it, back to (not through) projections; None if no projection
-    feeds it within `limit` nodes (it is not between two projections)."""
-    seen: list[Node] = []
-    frontier, reached = [node], False
-    while frontier and len(seen) < limit:
-        current = frontier.pop(0)
-        if current in seen:
-            continue
-        if projection(trace, current) is not None:
-            reached = True
-            continue
-        if current.kind == "input":
-            continue
-        seen.append(current)
-        frontier.extend(trace.node(r) for r in current.refs())
-    return seen if reached else None
-
-
 def _region(trace: Trace, h: Ref) -> tuple[set[int], list[int]]:
     """The elementwise region feeding `h`, and the projection nodes at its edge."""
     region: set[int] = set()
@@ -314,34 +99,11 @@ def _region(trace: Trace, h: Ref) -> tuple[set[int], list[int]]:
             continue
         if node.kind == "input":
             raise _NotFFN()
-        if not _elementwise(trace, node):
-            raise _NotFFN(_explain(trace, node))
+        if not elementwise(trace, node):
+            raise _NotFFN(explain(trace, node))
         region.add(index)
         stack.extend(ref.node for ref in node.refs())
     return region, sorted(leaves)
-
-
-def _pooled(trace: Trace, x: Ref) -> bool:
-    """`x` comes from a pooling or a mean over positions (possibly through a reshape)."""
-    node = trace.node(x)
-    for _ in range(3):
-        if node.kind == "module":
-            if isinstance(
-                trace.modules[node.target], (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AvgPoolNd)
-            ):
-                return True
-        elif op_name(node) in _POOLINGS or op_name(node) == "mean":
-            rank = trace.value(node.refs()[0]).dim() if node.refs() else 0
-            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-            if op_name(node) in _POOLINGS or any(
-                isinstance(d, int) and d % max(rank, 1) not in (0, rank - 1) for d in dims
-            ):
-                return True
-        if node.kind == "input" or not node.refs():
-            return False
-        node = trace.node(node.refs()[0])
-    return False
 
 
 def _contained(trace: Trace, produced: set[int], allowed: set[int]) -> bool:
@@ -370,18 +132,13 @@ def _deps(trace: Trace, ref: Ref, sources: set[int], memo: dict[Ref, frozenset])
     return found
 
 
-# Ops that change no value: a layout, a copy, or a dtype cast (Beam computes its SwiGLU in fp32 and
-# casts back; the experts compute in their own dtype, within the identity check's tolerance).
-_PASS_THROUGH = frozenset({"contiguous", "clone", "to", "float", "half", "bfloat16", "double", "type", "type_as"})
-
-
 def _strip(trace: Trace, ref: Ref, region: set[int]) -> tuple[Ref, float]:
     """Walk back over trailing dropouts and pass-through ops: the ref before them, and their p."""
     p = 0.0
     while ref.node in region:
         node = trace.node(ref)
         rate = dropout_p(trace, node)
-        if rate is None and not (op_name(node) in _PASS_THROUGH and node.kind == "func"):
+        if rate is None and not (op_name(node) in PASS_THROUGH and node.kind == "func"):
             break
         p = max(p, rate or 0.0)
         ref = node.refs()[0]
@@ -415,15 +172,8 @@ def _half(trace: Trace, ref: Ref, width: int, channel: int) -> int | None:
     return start // width
 
 
-# The nonlinearities that make a side of `f(a) * g(b)` the gate (a clamp on the other side does not).
-_ACTIVATIONS = frozenset(
-    """gelu silu relu relu6 leaky_relu elu selu celu mish softplus hardswish hardsigmoid hardtanh logsigmoid
-    softsign tanhshrink tanh sigmoid erf exp""".split()
-)
-
-
 def _activates(trace: Trace, nodes: tuple[int, ...]) -> bool:
-    return any(trace.nodes[i].kind == "module" or op_name(trace.nodes[i]) in _ACTIVATIONS for i in nodes)
+    return any(trace.nodes[i].kind == "module" or op_name(trace.nodes[i]) in ACTIVATIONS for i in nodes)
 
 
 def _gate_and_up(trace: Trace, top: Ref, sources: set[int], region: set[int]) -> tuple[Ref, Ref, Ref, Ref]:
@@ -456,7 +206,7 @@ def _ffn_input(trace: Trace, leaves: list[int]) -> Ref:
     if not leaves or len(leaves) > 2 or len(inputs) != 1:
         raise _NotFFN()
     x = inputs.pop()
-    if _pooled(trace, x):
+    if pooled(trace, x):
         raise _NotFFN(
             "squeeze-and-excitation: this MLP acts on a pooled summary of the positions (a gate for them), "
             "not on each token"
@@ -498,28 +248,14 @@ def _structure(trace: Trace, h: Ref, top: Ref, leaves: list[int], region: set[in
     return "fused_gated", halves[0] == 0, trace.nodes[leaves[0]].target, None, gate, result, up, up_result
 
 
-def _is_norm(trace: Trace, node: Node) -> bool:
-    """A leaf module that is scale-invariant on what it saw (a LayerNorm or RMSNorm without bias:
-    norm(2x) == norm(x)); no activation is."""
-    module, x = trace.modules[node.target], trace.value(node.refs()[0])
-    try:
-        with torch.no_grad():
-            doubled = module(2 * x)
-    except Exception:  # noqa: BLE001 - cannot tell: not a norm
-        return False
-    if not isinstance(doubled, Tensor) or doubled.shape != node.out().shape:
-        return False
-    return relative_error(doubled, node.out()) < 1e-4  # relative: weights of 1e-10 (SAM's init) are not zero
-
-
 def _nonlinear(trace: Trace, nodes: tuple[int, ...]) -> bool:
     """Something in the activation other than norms, casts and no-ops: two projections with only a
     norm between them are a factored projection (DeepSeek's low-rank attention), not an FFN."""
     for index in nodes:
         node = trace.nodes[index]
-        if node.kind == "module" and not _is_norm(trace, node):
+        if node.kind == "module" and not is_norm(trace, node):
             return True
-        if node.kind == "func" and node.refs() and op_name(node) not in _PASS_THROUGH:
+        if node.kind == "func" and node.refs() and op_name(node) not in PASS_THROUGH:
             return True
     return False
 
@@ -570,57 +306,6 @@ def match_at(trace: Trace, out_node: Node) -> Match:
         nodes=frozenset(region | set(leaves) | {out_node.index}),
         channel=channel,
     )
-
-
-# Ops that carry an FFN's output on towards the residual add: element-wise ones (a gate, a layer
-# scale, a clamp), dropouts, casts, reshapes back to the block's layout.
-_CARRY = ELEMENTWISE | _PASS_THROUGH | frozenset({"permute", "transpose", "reshape", "view", "flatten", "movedim"})
-
-
-def feeds_residual(trace: Trace, y: Ref, limit: int = 12) -> str | None:
-    """Where the FFN output `y` goes, through gates, scales, dropouts, norms and reshapes only:
-    "add" (the residual stream), "out" (it leaves the trace: what happens next cannot be seen
-    here), or None when it feeds another projection first: then it is a layer of a prediction
-    head (box_head = lin -> relu -> lin -> relu -> lin), not an FFN of the stream."""
-    frontier, seen, leaves = [y], 0, False
-    while frontier and seen < limit:
-        ref = frontier.pop()
-        seen += 1
-        for index in trace.consumers(ref):
-            if index < 0:
-                leaves = True
-                continue
-            node = trace.nodes[index]
-            name = op_name(node) if node.kind == "func" else ""
-            if name in ("add", "sub") or dropout_p(trace, node) is not None:
-                if name in ("add", "sub"):
-                    return "add"
-            elif not (
-                name in _CARRY or (node.kind == "module" and projection(trace, node) is None and len(node.outputs) == 1)
-            ):
-                continue
-            frontier.extend(Ref(index, pos) for pos in range(len(node.outputs)))
-    return "out" if leaves else None
-
-
-def follows_activation(trace: Trace, x: Ref) -> bool:
-    """Whether the FFN input `x` is an activation of another projection's output (through dropouts
-    and casts): the FFN is then a later layer of a multi-layer MLP (a head), not a block's FFN,
-    whose input is a norm or the residual stream itself. An activation: a function such as relu, or
-    a leaf module without parameters (a norm has its gain)."""
-    node = trace.node(x)
-    while (
-        node.kind != "input" and (dropout_p(trace, node) is not None or op_name(node) in _PASS_THROUGH) and node.refs()
-    ):
-        node = trace.node(node.refs()[0])
-    if node.kind == "module":
-        module = trace.modules[node.target]
-        activation = projection(trace, node) is None and next(module.parameters(), None) is None
-    else:
-        activation = op_name(node) in _ACTIVATIONS
-    if not activation or len(node.refs()) != 1:
-        return False
-    return projection(trace, trace.node(node.refs()[0])) is not None
 
 
 def match_ffns(trace: Trace) -> tuple[list[Match], list[Miss]]:

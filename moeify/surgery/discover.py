@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from moeify.architectures.layouts import FFNLayout
 from moeify.surgery.compare import relative_error, tolerance_for
-from moeify.surgery.dataflow import Match, Miss, feeds_residual, follows_activation, match_ffns
+from moeify.surgery.context import feeds_residual, follows_activation
+from moeify.surgery.dataflow import Match, Miss, match_ffns
 from moeify.surgery.placement import place
 from moeify.surgery.trace import Trace, eval_mode, is_leaf, record
 

@@ -14,8 +14,8 @@ from moeify.architectures.registry import classify, required_positional_args
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
 from moeify.surgery.capture import capture_calls
-from moeify.surgery.dataflow import pointwise_conv
 from moeify.surgery.discover import Analyser, Analysis, ffn_shaped, worth_tracing
+from moeify.surgery.ops import pointwise_conv
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
 

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from moeify.architectures.layouts import FFNLayout, get
 from moeify.architectures.registry import required_positional_args
-from moeify.surgery.dataflow import Match, dropout_p, op_name, projection
+from moeify.surgery.dataflow import Match
+from moeify.surgery.ops import dropout_p, op_name, projection
 from moeify.surgery.program import NotReplayable, Program, program
 from moeify.surgery.trace import Call, Node, Ref, Trace
 

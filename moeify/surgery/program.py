@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from moeify.layers.traced import Const, Slot, Step, TracedActivation, Training
-from moeify.surgery.dataflow import (
+from moeify.surgery.ops import (
     CHANNEL_REDUCTIONS,
     DROPOUT,
     ELEMENTWISE,
