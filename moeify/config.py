@@ -83,8 +83,9 @@ class MoeifyConfig:
         z_loss_weight: ST-MoE router z-loss weight.
         entropy_loss_weight: weight of the per-token routing entropy bonus (positive spreads
             tokens; the loss term is -weight * mean normalised entropy).
-        target_modules: which FFNs to convert (regex string, or list of names/suffixes); for
-            a plain nn.Module these name the FFN modules themselves.
+        target_modules: which FFNs to convert (regex string, or list of names/suffixes). A
+            pattern that matches no FFN moeify found names modules to convert anyway, by deep
+            copy (the generic path; modules without a projection are refused).
         exclude_modules: FFNs to leave dense (same syntax).
         layers: block indices to convert (the first integer in a site's name: 3 in
             `model.layers.3.mlp`), None for all.

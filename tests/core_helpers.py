@@ -150,3 +150,17 @@ class TimestepToy(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor) -> Tensor:
         return self.ff(x)
+
+
+class Blocks(nn.Module):
+    """Blocks applied one after the other, as `blocks.<i>`: a model around blocks under test."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from core_helpers import Blocks
 from torch import Tensor, nn
 
 import moeify
@@ -66,17 +67,6 @@ class GridNorm(nn.Module):
         return x + self.gamma * x / x.norm(dim=(2, 3), keepdim=True)
 
 
-class Net(nn.Module):
-    def __init__(self, *blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 def converted_exactly(model: nn.Module, x: Tensor) -> None:
     model.eval()
     with torch.no_grad():
@@ -93,7 +83,7 @@ def grid(*positions: int) -> Tensor:
 @pytest.mark.parametrize("groups", [1, 2])
 def test_a_conv_mlp_module_converts_with_positions_as_tokens(groups: int) -> None:
     torch.manual_seed(0)
-    model = Net(Block2d(ConvMlp(groups)), Block2d(ConvMlp(groups)))
+    model = Blocks(Block2d(ConvMlp(groups)), Block2d(ConvMlp(groups)))
     site = find_ffns(model).sites[0]
     assert (site.name, site.install_path, site.layout.channels_first) == ("blocks.0.mlp", "blocks.0.mlp", True)
     assert (site.in_features, site.intermediate_size) == (C, I)
@@ -113,7 +103,7 @@ def test_a_conv_mlp_module_converts_with_positions_as_tokens(groups: int) -> Non
 @pytest.mark.parametrize(("shared_drop", "split"), [(False, False), (True, True)])
 def test_a_conv_ffn_inline_in_its_block(shared_drop: bool, split: bool) -> None:
     torch.manual_seed(0)
-    model = Net(SqueezeLayer(shared_drop), SqueezeLayer(shared_drop))
+    model = Blocks(SqueezeLayer(shared_drop), SqueezeLayer(shared_drop))
     site = find_ffns(model).sites[0]
     assert (site.name, site.layout.channels_first, site.layout.split) == ("blocks.0", True, split)
     converted_exactly(model, grid(7))
@@ -132,7 +122,7 @@ def test_an_activation_that_needs_the_whole_grid_is_refused() -> None:
             self.act = nn.Sequential(nn.GELU(), GridNorm())
 
     torch.manual_seed(0)
-    model = Net(Block2d(GrnMlp()))
+    model = Blocks(Block2d(GrnMlp()))
     report = find_ffns(model)
     assert report.sites == []
     assert "its activation does not run on tokens one at a time" in report.skipped[0].reason
@@ -140,14 +130,14 @@ def test_an_activation_that_needs_the_whole_grid_is_refused() -> None:
 
 def test_conv_ffns_round_trip_through_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = Net(Block2d(ConvMlp(2)), SqueezeLayerOn2d()).eval()
+    model = Blocks(Block2d(ConvMlp(2)), SqueezeLayerOn2d()).eval()
     x = grid(2, 3)
     moeify.moeify(model, num_experts=4)
     with torch.no_grad():
         expected = model(x)
     moeify.save_pretrained(model, tmp_path)
     torch.manual_seed(9)
-    loaded = moeify.from_pretrained(tmp_path, base_model=Net(Block2d(ConvMlp(2)), SqueezeLayerOn2d()))
+    loaded = moeify.from_pretrained(tmp_path, base_model=Blocks(Block2d(ConvMlp(2)), SqueezeLayerOn2d()))
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
 

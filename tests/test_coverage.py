@@ -58,17 +58,14 @@ DIFFUSERS = {
 }
 
 
-@pytest.mark.parametrize(("name", "expected"), TRANSFORMERS.items(), ids=list(TRANSFORMERS))
-def test_transformers_model(name: str, expected: tuple[str, int]) -> None:
-    row = convert_one(transformers_zoo.build(name))
-    assert (row["status"], row["sites"]) == expected, row
-    if row["status"] == "preserved":
-        assert row["max_relative_difference"] <= 1e-5
+CASES = [(transformers_zoo, name, expected) for name, expected in TRANSFORMERS.items()] + [
+    (diffusers_zoo, name, expected) for name, expected in DIFFUSERS.items()
+]
 
 
-@pytest.mark.parametrize(("name", "expected"), DIFFUSERS.items(), ids=list(DIFFUSERS))
-def test_diffusers_model(name: str, expected: tuple[str, int]) -> None:
-    row = convert_one(diffusers_zoo.build(name))
+@pytest.mark.parametrize(("zoo", "name", "expected"), CASES, ids=[name for _, name, _ in CASES])
+def test_model(zoo, name: str, expected: tuple[str, int]) -> None:  # noqa: ANN001 - a zoo module
+    row = convert_one(zoo.build(name))
     assert (row["status"], row["sites"]) == expected, row
     if row["status"] == "preserved":
         assert row["max_relative_difference"] <= 1e-5

@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import assert_untouched, snapshot
+from core_helpers import Blocks, assert_untouched, snapshot
 from torch import Tensor, nn
 
 import moeify
@@ -147,17 +147,6 @@ class InlineBlock(nn.Module):
         return x + h
 
 
-class Net(nn.Module):
-    def __init__(self, *blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 def tokens(seed: int = 3) -> Tensor:
     return torch.randn(2, 6, D, generator=torch.Generator().manual_seed(seed))
 
@@ -197,7 +186,7 @@ def only_layer(model: nn.Module) -> moeify.MoeLayer:
 )
 def test_functional_activations_pack(make, kind: str, gate_first: bool) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = Net(PreNorm(make()), PreNorm(make()))
+    model = Blocks(PreNorm(make()), PreNorm(make()))
     [site, _] = find_ffns(model).sites
     assert (site.name, site.source, site.install_path, site.layout.kind) == ("blocks.0.mlp", "dataflow", "blocks.0.mlp", kind)
     assert site.layout.gate_first is gate_first
@@ -219,7 +208,7 @@ def test_a_dropout_before_the_activation_drops_in_training_only() -> None:
             return self.down(torch.relu(F.dropout(self.up(x), 0.5, self.training)))
 
     torch.manual_seed(0)
-    model = converted_exactly(Net(PreNorm(DropFirst())))
+    model = converted_exactly(Blocks(PreNorm(DropFirst())))
     act = only_layer(model).experts.act
     assert "training=self.training" in repr(act)
     h = torch.randn(64, I)
@@ -230,7 +219,7 @@ def test_a_dropout_before_the_activation_drops_in_training_only() -> None:
 
 def test_the_recorded_activation_reads_like_code() -> None:
     torch.manual_seed(0)
-    model = Net(PreNorm(TanhGelu()))
+    model = Blocks(PreNorm(TanhGelu()))
     act = find_ffns(model).sites[0].layout.act(model.blocks[0].mlp)
     text = repr(act)
     assert "tanh(" in text and "pow(x, 3.0)" in text and "return v" in text
@@ -253,7 +242,7 @@ def test_the_recorded_activation_reads_like_code() -> None:
 )
 def test_ffn_inline_in_its_block(style: str, install: str, split: bool, identities: tuple) -> None:
     torch.manual_seed(0)
-    model = Net(InlineBlock(style), InlineBlock(style))
+    model = Blocks(InlineBlock(style), InlineBlock(style))
     site = find_ffns(model).sites[0]
     assert (site.name, site.install_path) == ("blocks.0", f"blocks.0.{install}")
     assert (site.layout.split, site.layout.identities) == (split, identities)
@@ -269,7 +258,7 @@ def test_ffn_inline_in_its_block(style: str, install: str, split: bool, identiti
 def test_split_ffn_trains_with_its_dropout_in_the_experts() -> None:
     """The block's dropout between the projections now falls on zeros; the experts apply it."""
     torch.manual_seed(0)
-    model = converted_exactly(Net(InlineBlock("dropout")))
+    model = converted_exactly(Blocks(InlineBlock("dropout")))
     assert only_layer(model).experts.mid_dropout == 0.2
     model.train()
     loss = model(tokens()).pow(2).mean() + moeify.aux_loss(model)
@@ -282,7 +271,7 @@ def test_split_ffn_trains_with_its_dropout_in_the_experts() -> None:
 @pytest.mark.parametrize("make", [ResidualArg, ResidualSelf], ids=["argument", "input"])
 def test_residual_added_inside_the_ffn(make) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = Net(PreNorm(make()), PreNorm(make()))
+    model = Blocks(PreNorm(make()), PreNorm(make()))
     site = find_ffns(model).sites[0]
     assert site.layout.residual == ((1, "residual") if make is ResidualArg else (0, "hidden_states"))
     converted_exactly(model)
@@ -304,7 +293,7 @@ def test_one_module_serving_several_depths_stays_one_module() -> None:
             return x
 
     torch.manual_seed(0)
-    model = Net(Looped())
+    model = Blocks(Looped())
     [site] = find_ffns(model).sites
     assert (site.name, site.calls) == ("blocks.0.block", 3)
     assert "one module run 3x per forward" in str(find_ffns(model))
@@ -320,7 +309,7 @@ def test_one_module_serving_several_depths_stays_one_module() -> None:
 def test_one_module_under_two_names_is_converted_once_everywhere() -> None:
     torch.manual_seed(0)
     shared = PreNorm(SiluGated())
-    model = Net(shared, shared)
+    model = Blocks(shared, shared)
     assert [s.name for s in find_ffns(model).sites] == ["blocks.0.mlp"]
     converted_exactly(model)
     assert model.blocks[0].mlp is model.blocks[1].mlp and isinstance(model.blocks[1].mlp, moeify.MoeLayer)
@@ -392,7 +381,7 @@ class LowRank(nn.Module):
 )
 def test_token_mixers_are_refused_with_the_reason(make, reason: str) -> None:  # noqa: ANN001
     torch.manual_seed(0)
-    model = Net(PreNorm(make()) if make is not ParallelBlock else make())
+    model = Blocks(PreNorm(make()) if make is not ParallelBlock else make())
     report = find_ffns(model)
     assert report.sites == [] and len(report.skipped) == 1
     assert re.search(reason, report.skipped[0].reason), report.skipped[0].reason
@@ -405,7 +394,7 @@ def test_token_mixers_are_refused_with_the_reason(make, reason: str) -> None:  #
 
 
 def test_a_low_rank_pair_is_no_ffn() -> None:
-    model = Net(PreNorm(LowRank()))
+    model = Blocks(PreNorm(LowRank()))
     assert find_ffns(model).sites == []
 
 
@@ -439,7 +428,7 @@ def test_find_traces_once_per_structure_and_changes_nothing(monkeypatch: pytest.
     record = discover.record
     monkeypatch.setattr(discover, "record", lambda *a, **k: calls.append(type(a[0]).__name__) or record(*a, **k))
     torch.manual_seed(0)
-    model = Net(*(InlineBlock("function") for _ in range(6))).eval()
+    model = Blocks(*(InlineBlock("function") for _ in range(6))).eval()
     model.blocks[0].train()  # flags are restored: a trace runs in eval mode
     before = snapshot(model)
     report = find_ffns(model)
@@ -460,7 +449,7 @@ def test_settings_that_change_the_computation_get_their_own_trace() -> None:
             return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
     torch.manual_seed(0)
-    model = Net(PreNorm(Configurable("none")), PreNorm(Configurable("tanh")))
+    model = Blocks(PreNorm(Configurable("none")), PreNorm(Configurable("tanh")))
     sites = find_ffns(model).sites
     acts = [repr(s.layout.act(model.get_submodule(s.name))) for s in sites]
     assert "approximate='none'" in acts[0] and "approximate='tanh'" in acts[1]
@@ -469,7 +458,7 @@ def test_settings_that_change_the_computation_get_their_own_trace() -> None:
 
 def test_meta_modules_are_traced_on_a_random_copy() -> None:
     with torch.device("meta"):
-        model = Net(InlineBlock("dropout"), PreNorm(ChunkGated(gate_second=True)))
+        model = Blocks(InlineBlock("dropout"), PreNorm(ChunkGated(gate_second=True)))
     report = find_ffns(model)
     assert [(s.name, s.layout.split, s.layout.kind) for s in report.sites] == [
         ("blocks.0", True, "mlp"),
@@ -491,7 +480,7 @@ def test_a_class_named_like_a_registered_one_is_not_taken_for_it() -> None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     torch.manual_seed(0)
-    model = Net(PreNorm(FeedForward()))
+    model = Blocks(PreNorm(FeedForward()))
     [site] = find_ffns(model).sites
     assert (site.class_name, site.source, site.layout.kind) == ("FeedForward", "dataflow", "gated")
     assert (site.layout.proj_gate, site.layout.proj_in) == ("w1", "w3")
