@@ -25,6 +25,7 @@ from moeify import ConversionError, find_ffns, moe_layers
 from moeify.layers.experts import PackedExperts
 from moeify.layers.traced import TracedActivation
 from moeify.layers.wiring import AddResidual, SplitEntry, SplitExit
+from moeify.monitors import attach_monitors
 from moeify.surgery import discover
 from moeify.surgery.discover import Analyser
 
@@ -304,6 +305,13 @@ def test_one_module_serving_several_depths_stays_one_module() -> None:
     with torch.no_grad():
         model(tokens())
     assert int(layer.tokens_per_expert.sum()) == 3 * 12 * 2  # runs x tokens x top_k
+    # The monitors count every run, and say so.
+    runner = attach_monitors(model, ["expert_load"])
+    with torch.no_grad():
+        model(tokens())
+    record = runner.step()
+    assert runner.summary()["calls_per_forward"] == {"blocks.0.block.fc1": 3}
+    assert record is not None and runner.history[-1]["step"] == 1
 
 
 def test_one_module_under_two_names_is_converted_once_everywhere() -> None:
