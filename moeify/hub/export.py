@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moeify.atomic import staged_directory
 from moeify.convert import moe_layers
 from moeify.hub.export_formats import (
     BASES,
@@ -229,16 +228,6 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
         raise ExportError(f"moeify.export: {directory} exists and is not empty; pass overwrite=True to replace it")
 
 
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
 def export(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -260,21 +249,20 @@ def export(
     directory = Path(directory)
     _prepare_directory(directory, overwrite)
     target = _build_native(model, format)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.export-", dir=directory.parent))
-    try:
-        target.save_pretrained(tmp)
+
+    def check(staging: Path) -> None:
         if verify and target.dtype == torch.float32:
-            diff, scale = _max_logit_diff(model, tmp)
+            diff, scale = _max_logit_diff(model, staging)
             if not diff <= tolerance * max(1.0, scale):
                 raise refuse(
                     format,
                     f"the reloaded checkpoint's logits differ by {diff:.3g} (scale {scale:.3g}); nothing was written",
                 )
-        _move_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Written beside `directory`, checked, then swapped in whole (moeify.atomic): a failure or a
+    # kill at any point leaves what was there. The export replaces the whole directory.
+    with staged_directory(directory, owned=lambda name: True, check=check) as staging:
+        target.save_pretrained(staging)
     return directory
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moeify.atomic import recover
 from moeify.config import MoeifyConfig
 from moeify.convert import MoeifyState, moe_layers, moeify
 from moeify.hub.save import FORMAT_VERSION, GENERATION_CONFIG, MOEIFY_CONFIG
@@ -51,6 +52,7 @@ def resolve(directory_or_repo_id: str | os.PathLike, *, revision: str | None = N
     """A local directory as is; anything else is taken as a Hub repo id and its JSON and
     safetensors files (nothing else) are downloaded."""
     path = Path(directory_or_repo_id).expanduser()
+    recover(path)  # a save killed between its two renames leaves the old checkpoint beside the path
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(

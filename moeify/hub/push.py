@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from moeify.atomic import write_text
 from moeify.hub.card import DIAGNOSTICS, as_run, model_card
 from moeify.hub.save import save_pretrained
 
@@ -81,8 +82,7 @@ def write_card(
         run = write_run(run_dir, diagnostics)
     plots = write_plots(run, diagnostics) if run["history"] else []
     card = model_card(model, run=run, base_model=base_model, repo_id=repo_id, plots=plots)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(str(card), encoding="utf-8")
+    write_text(output, str(card))  # crash-safe: an earlier card stays whole until this one is
     return plots
 
 

@@ -4,7 +4,7 @@ The peft pattern: the directory holds the recipe and the weights, and `moeify.fr
 rebuilds the dense base model from its config, re-applies the recipe, then loads the weights
 strictly. What a moeify directory holds:
 
-  moeify_config.json        written last (its presence means the save completed): format version,
+  moeify_config.json        format version,
                             moeify version, the conversion recipes in order, the base model's
                             library / class / config file, tied tensors, dtypes of buffers
   base_config.json          the base model's own config, as its library writes it (transformers,
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+
+from moeify.atomic import staged_directory
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
 # checkpoint without them is still written as format 1, which older moeify versions read.
@@ -197,12 +199,35 @@ def _check_no_peft(model: nn.Module) -> None:
         )
 
 
+def _owned(name: str) -> bool:
+    """The files of a moeify checkpoint (a save replaces them all; any other file is the user's)."""
+    return name in (MOEIFY_CONFIG, GUARD_CONFIG, BASE_CONFIG, GENERATION_CONFIG) or name.startswith("moeify_model")
+
+
+def _shard_size(max_shard_size: int | str) -> int:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+        raise ValueError(f"moeify.save_pretrained: max_shard_size must be bytes or a size such as '5GB', got {max_shard_size!r}")
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    except ValueError as error:
+        raise ValueError(f"moeify.save_pretrained: max_shard_size={max_shard_size!r} is not a size ({error})") from None
+    if size <= 0:
+        raise ValueError(f"moeify.save_pretrained: max_shard_size must be positive, got {max_shard_size!r}")
+    return size
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
     """Save a moeify-converted model to `directory` (created if needed); returns its path.
 
     Writes the conversion recipes (`moeify_config.json`), the base model's own config for
     transformers / diffusers models, and the weights as safetensors, sharded with an index above
     `max_shard_size` (bytes, or a string such as "5GB"). Reload with `moeify.from_pretrained`.
+
+    Crash-safe (moeify.atomic): every argument is checked first, the checkpoint is written
+    beside `directory` and swapped in whole, so a save that fails or is killed leaves the
+    checkpoint that was there loadable. Other files in `directory` (a model card) are kept.
     """
     from huggingface_hub import save_torch_state_dict
 
@@ -218,37 +243,35 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
     _check_no_peft(model)
     directory = Path(directory)
     _check_directory(directory)
+    shard_size = _shard_size(max_shard_size)
     captured = _captured(state)
     version = FORMAT_VERSION if captured else 1
     tensors, tied = split_shared(model.state_dict())
-    directory.mkdir(parents=True, exist_ok=True)
-    # The recipe goes last: a directory without it is an unfinished save, never loaded.
-    (directory / MOEIFY_CONFIG).unlink(missing_ok=True)
     library = library_of(model)
-    guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": version}}
-    (directory / GUARD_CONFIG).write_text(json.dumps(guard, indent=2) + "\n")
-    _write_base_configs(model, directory, library)
-    save_torch_state_dict(
-        tensors,
-        directory,
-        filename_pattern=WEIGHTS_PATTERN,
-        max_shard_size=max_shard_size,
-        metadata={"format": "pt", "moeify_version": __version__},
-    )
-    # save_torch_state_dict removed the shards of an earlier save under the same pattern.
-    sharded = (directory / WEIGHTS_INDEX).is_file()
-    record = {
-        "format": "moeify",
-        "format_version": version,
-        "moeify_version": __version__,
-        "conversions": [config.to_dict() for config in state.conversions],
-        "base": _base_description(model),
-        "weights": WEIGHTS_INDEX if sharded else WEIGHTS,
-        "tied": tied,
-        "buffer_dtypes": buffer_dtypes(model),
-        **({"captured": captured} if captured else {}),
-    }
-    (directory / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    with staged_directory(directory, owned=_owned) as staging:
+        guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": version}}
+        (staging / GUARD_CONFIG).write_text(json.dumps(guard, indent=2) + "\n")
+        _write_base_configs(model, staging, library)
+        save_torch_state_dict(
+            tensors,
+            staging,
+            filename_pattern=WEIGHTS_PATTERN,
+            max_shard_size=shard_size,
+            metadata={"format": "pt", "moeify_version": __version__},
+        )
+        sharded = (staging / WEIGHTS_INDEX).is_file()
+        record = {
+            "format": "moeify",
+            "format_version": version,
+            "moeify_version": __version__,
+            "conversions": [config.to_dict() for config in state.conversions],
+            "base": _base_description(model),
+            "weights": WEIGHTS_INDEX if sharded else WEIGHTS,
+            "tied": tied,
+            "buffer_dtypes": buffer_dtypes(model),
+            **({"captured": captured} if captured else {}),
+        }
+        (staging / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return directory
 
 

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moeify.atomic import write_text
+
 HISTORY, EVENTS, SUMMARY = "history.jsonl", "events.jsonl", "summary.json"
 
 
@@ -28,8 +30,8 @@ class JsonlSink:
         self.enabled = not main_process_only or _is_main_process()
         if self.enabled:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._history = (self.directory / HISTORY).open("a", encoding="utf-8")
-            self._events = (self.directory / EVENTS).open("a", encoding="utf-8")
+            self._history = _append(self.directory / HISTORY)
+            self._events = _append(self.directory / EVENTS)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -45,7 +47,18 @@ class JsonlSink:
             return
         self._history.close()
         self._events.close()
-        (self.directory / SUMMARY).write_text(json.dumps(_clean(summary), indent=2), encoding="utf-8")
+        write_text(self.directory / SUMMARY, json.dumps(_clean(summary), indent=2))
+
+
+def _append(path: Path) -> Any:
+    """`path` opened for appending lines, after cutting a partial last line (a run killed while
+    writing it), which the next line would otherwise continue."""
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
 
 
 def _is_main_process() -> bool:
@@ -62,7 +75,19 @@ def read_run(directory: str | Path) -> dict[str, Any]:
 
     def lines(name: str) -> list[dict[str, Any]]:
         path = directory / name
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] if path.exists() else []
+        if not path.exists():
+            return []
+        text = path.read_text(encoding="utf-8")
+        rows = text.splitlines()
+        if rows and not text.endswith("\n"):
+            rows = rows[:-1]  # a line the run was killed while writing
+        records = []
+        for number, line in enumerate(rows, start=1):
+            try:
+                records.append(json.loads(line)) if line else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error}); the run file is damaged") from None
+        return records
 
     summary_path = directory / SUMMARY
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
