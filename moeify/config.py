@@ -16,6 +16,7 @@ from typing import Any
 from moeify.layers.routers import router_kinds
 
 CONFIG_VERSION = 1
+MAX_SEED = 2**43
 
 ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_router` adds more
 # Training inits of the shared experts, applied after the identity check (Law 2).
@@ -122,6 +123,8 @@ class MoeifyConfig:
         for name in ("num_experts", "top_k", "num_shared_experts", "router_num_heads", "seed"):
             value = getattr(self, name)
             _check(_is_int(value), f"{name} must be an int, got {value!r}")
+        # Each site's routers are seeded with seed * 1_000_003 + its index: that must fit in int64.
+        _check(0 <= self.seed < MAX_SEED, f"seed must be an int in [0, 2**43), got {self.seed!r}")
         _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
         _check(
             1 <= self.top_k <= self.num_experts,
@@ -215,3 +218,19 @@ class MoeifyConfig:
         except json.JSONDecodeError as error:
             raise ValueError(f"not valid JSON: {error}") from None
         return cls.from_dict(data)
+
+
+def recipe(config: MoeifyConfig | None, overrides: dict[str, Any], caller: str) -> MoeifyConfig:
+    """The config a call works with: `config` (default: MoeifyConfig()) with `overrides` applied.
+    Anything but a MoeifyConfig or None is refused with the way to pass it."""
+    if config is None:
+        config = MoeifyConfig()
+    elif not isinstance(config, MoeifyConfig):
+        hint = (
+            f"pass its entries as keywords ({caller}(model, **recipe)) or build one (MoeifyConfig(**recipe))"
+            if isinstance(config, dict)
+            else "pass options as keywords, e.g. num_experts=8"
+        )
+        raise TypeError(f"{caller}: config must be a MoeifyConfig or None, got {type(config).__name__} {config!r}; {hint}")
+    return config.replace(**overrides) if overrides else config
+

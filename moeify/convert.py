@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moeify.config import MoeifyConfig
+from moeify.config import MoeifyConfig, recipe
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import ConditioningContext
 from moeify.surgery import apply, verify
@@ -85,12 +85,19 @@ def moeify(
     Returns the same `model` object. Raises `ConversionError` (a ValueError) with what was wrong
     and what to do; the model is then untouched.
     """
-    config = (config or MoeifyConfig()).replace(**overrides) if overrides else (config or MoeifyConfig())
+    config = recipe(config, overrides, "moeify")
     started = time.perf_counter()
     plan = plan_conversion(model, config, example_inputs)
     layers, shared_params = _build_and_check(model, plan)
     try:
-        dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
+        try:
+            dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
+        except Exception as error:
+            raise ConversionError(
+                f"example_inputs do not run the dense {type(model).__name__} ({type(error).__name__}: {error}); pass "
+                "what model(**example_inputs) (a dict), model(*example_inputs) (a tuple) or model(example_inputs) "
+                "accepts. The model was left unchanged"
+            ) from error
     except BaseException:
         apply.unshare(shared_params)
         raise

@@ -17,7 +17,6 @@ from core_helpers import logits, tiny_llama, tokens
 
 import moeify
 from moeify import atomic
-from moeify.hub import save as save_module
 from moeify.hub.load import from_pretrained
 
 

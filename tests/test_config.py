@@ -66,6 +66,8 @@ BAD_VALUES = [
     ("verify_tolerance", math.nan),
     ("seed", 1.0),
     ("seed", None),
+    ("seed", -1),
+    ("seed", 2**63),  # torch could not even take it
     ("version", CONFIG_VERSION + 1),
 ]
 

@@ -329,3 +329,30 @@ def test_registered_router_kind_is_usable() -> None:
     model = moeify.moeify(tiny_llama(), num_experts=4, router="my_linear")
     assert [(s.hidden_size, s.num_experts) for s in built] == [(32, 4), (32, 4)]
     assert model.moeify_state.config.router == "my_linear"
+
+
+@pytest.mark.parametrize("config", [{"num_experts": 4}, 8, "linear"], ids=["dict", "int", "str"])
+def test_the_wrong_object_as_config_is_a_clear_type_error(config) -> None:  # noqa: ANN001
+    model = tiny_llama()
+    before = snapshot(model)
+    for call in (moeify.moeify, find_ffns):
+        with pytest.raises(TypeError, match=r"config must be a MoeifyConfig or None, got"):
+            call(model, config)
+    assert_untouched(model, before)
+
+
+def test_layers_naming_a_block_without_an_ffn_is_refused() -> None:
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match=r"layers=\[0, 7\] names block\(s\) \[7\] where moeify found no FFN; the blocks with FFNs are \[0, 1\]"):
+        moeify.moeify(model, layers=[0, 7])
+    assert_untouched(model, before)
+
+
+def test_example_inputs_that_do_not_run_the_dense_model_are_refused() -> None:
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ConversionError, match=r"example_inputs do not run the dense LlamaForCausalLM \(IndexError"):
+        moeify.moeify(model, example_inputs={"input_ids": torch.tensor([[1000]])})
+    assert_untouched(model, before)
+

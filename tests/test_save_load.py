@@ -291,6 +291,42 @@ def test_wrong_shapes_and_newer_format_are_refused(tmp_path: Path) -> None:
         moeify.from_pretrained(tmp_path)
 
 
+def _remove(name: str) -> Callable[[Path], None]:
+    return lambda directory: (directory / name).unlink()
+
+
+def _write(name: str, text: str) -> Callable[[Path], None]:
+    return lambda directory: (directory / name).write_text(text)
+
+
+def _record(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        record = json.loads((directory / MOEIFY_CONFIG).read_text())
+        change(record)
+        (directory / MOEIFY_CONFIG).write_text(json.dumps(record))
+
+    return edit
+
+
+DAMAGES = [
+    (_remove("base_config.json"), r"base_config.json \(the base model's config\) is missing"),
+    (_write("base_config.json", "{oops"), r"base_config.json \(the base model's config\) is not valid JSON"),
+    (_record(lambda r: r.pop("base")), r"the record names no base model library .*base_model="),
+    (_record(lambda r: r.update(format_version="2")), "format_version must be a positive integer, got '2'"),
+    (_record(lambda r: r.update(format_version=True)), "format_version must be a positive integer, got True"),
+    (_record(lambda r: r.update(tied=[])), "'tied' must be a JSON object, got list"),
+    (_record(lambda r: r.update(conversions={})), "'conversions' must be a JSON list, got dict"),
+]
+
+
+@pytest.mark.parametrize(("damage", "says"), DAMAGES, ids=[d[1][:40] for d in DAMAGES])
+def test_a_damaged_record_is_a_clear_error(tmp_path: Path, damage: Callable[[Path], None], says: str) -> None:
+    moeify.save_pretrained(moeify.moeify(BY_NAME["llama"].build(), **RECIPE), tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=says):
+        moeify.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals and guards
 

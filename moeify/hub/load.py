@@ -95,12 +95,38 @@ def read_record(directory: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != "moeify":
         raise CheckpointError(f'{path} is not a moeify checkpoint record (no "format": "moeify")')
     version = record.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}; the record is damaged")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by moeify {record.get('moeify_version')} in format {version}; this moeify reads "
             f"format {FORMAT_VERSION} and older: pip install -U moeify"
         )
+    _check_fields(path, record)
     return record
+
+
+# Fields of a record and the type each must have (the rest are checked where they are read).
+_FIELDS = {"conversions": list, "base": dict, "weights": str, "tied": dict, "buffer_dtypes": dict, "captured": dict}
+
+
+def _check_fields(path: Path, record: dict[str, Any]) -> None:
+    for field, kind in _FIELDS.items():
+        if field in record and not isinstance(record[field], kind):
+            raise CheckpointError(
+                f"{path}: {field!r} must be a JSON {kind.__name__ if kind is not dict else 'object'}, got "
+                f"{type(record[field]).__name__}; the record is damaged"
+            )
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file the record names, or a CheckpointError saying which and why."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: {path.name} ({what}) is missing; the checkpoint is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} ({what}) is not valid JSON: {error}") from None
 
 
 def weight_files(directory: Path, record: dict[str, Any]) -> list[Path]:
@@ -133,7 +159,7 @@ def _build_transformers(directory: Path, base: dict[str, Any]) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    data = json.loads((directory / base["config_file"]).read_text())
+    data = read_json(directory / str(base.get("config_file")), "the base model's config")
     model_type = data.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(
@@ -164,7 +190,7 @@ def _build_diffusers(directory: Path, base: dict[str, Any]) -> nn.Module:
     cls = getattr(diffusers, base["class_name"], None)
     if cls is None:
         raise CheckpointError(f"diffusers {diffusers.__version__} has no class {base['class_name']}: pass base_model=")
-    config = json.loads((directory / base["config_file"]).read_text())
+    config = read_json(directory / str(base.get("config_file")), "the base model's config")
     with init_empty_weights():
         return cls.from_config(config)
 
@@ -181,6 +207,11 @@ def build_base(directory: Path, record: dict[str, Any], base_model: nn.Module | 
             )
         return base_model
     library = base.get("library")
+    if library not in ("transformers", "diffusers", "torch"):
+        raise CheckpointError(
+            f"{directory / MOEIFY_CONFIG}: the record names no base model library ('base': {record.get('base')!r}); "
+            "it is damaged. Pass base_model= (the dense model) to load it anyway"
+        )
     if library == "transformers":
         return _build_transformers(directory, base)
     if library == "diffusers":

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from moeify.config import MoeifyConfig
+from moeify.config import MoeifyConfig, recipe
 from moeify.convert import moeify
 from moeify.surgery.plan import plan_conversion
 
@@ -42,7 +42,7 @@ def moeify_pipeline(pipe: Any, config: MoeifyConfig | None = None, **overrides: 
     The recipe is validated and every denoiser planned before the first one changes, so a bad
     option or an unconvertible model leaves the whole pipeline untouched."""
     models = denoisers(pipe)
-    config = (config or MoeifyConfig()).replace(**overrides)
+    config = recipe(config, overrides, "moeify_pipeline")
     for model in models.values():
         plan_conversion(model, config)
     for model in models.values():

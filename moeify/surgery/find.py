@@ -11,7 +11,7 @@ from torch import nn
 from moeify.architectures import read_weights
 from moeify.architectures.layouts import FFNLayout, join
 from moeify.architectures.registry import classify, required_positional_args
-from moeify.config import MoeifyConfig
+from moeify.config import MoeifyConfig, recipe
 from moeify.layers.moe import MoeLayer
 from moeify.surgery.capture import capture_calls
 from moeify.surgery.discover import Analyser, Analysis, ffn_shaped, worth_tracing
@@ -333,7 +333,7 @@ def find_ffns(
     on the inputs they receive in one forward of it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_ffns expects a torch.nn.Module, got {type(model).__name__}")
-    config = (config or MoeifyConfig()).replace(**overrides) if overrides else (config or MoeifyConfig())
+    config = recipe(config, overrides, "find_ffns")
     state = getattr(model, "moeify_state", None)
     walk = _Walk(model, config, dict(getattr(state, "captured", None) or {}))
     walk.visit("", model)

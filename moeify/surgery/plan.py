@@ -15,7 +15,7 @@ from moeify.architectures.layouts import get
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
 from moeify.surgery.errors import ConversionError
-from moeify.surgery.find import FFNReport, FFNSite, SkippedSite, _matches, find_ffns
+from moeify.surgery.find import FFNReport, FFNSite, SkippedSite, _matches, find_ffns, layer_index
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,21 @@ def _check_site(model: nn.Module, site: FFNSite, config: MoeifyConfig) -> None:
             )
 
 
+def _check_layers(report: FFNReport, config: MoeifyConfig) -> None:
+    """`layers=` naming blocks with no FFN is a mistake to say, not to pass over in silence."""
+    if config.layers is None:
+        return
+    found = {s.layer for s in report.sites} | {layer_index(s.name) for s in report.skipped if s.unselected}
+    found |= {layer_index(s.name) for s in report.skipped if s.reason == "already converted by moeify"}
+    missing = sorted(set(config.layers) - found)
+    if missing:
+        known = sorted(i for i in found if i is not None)
+        raise ConversionError(
+            f"layers={list(config.layers)} names block(s) {missing} where moeify found no FFN; the blocks with FFNs "
+            f"are {known} (find_ffns(model) lists them)"
+        )
+
+
 def _check_no_peft(model: nn.Module) -> None:
     """A peft model is refused whole, even with no adapter on an FFN: its adapter config and
     checkpoints describe the dense model, so the new routers and experts would be neither saved by
@@ -193,6 +208,7 @@ def plan_conversion(model: nn.Module, config: MoeifyConfig, example_inputs: Any 
             raise ConversionError(f"{targeted[0]} is already converted by moeify; converting it again is refused")
     if not report.sites:
         raise _nothing_found(model, report, config, example_inputs is not None)
+    _check_layers(report, config)
     for site in report.sites:
         _check_site(model, site, config)
     _check_no_peft(model)
