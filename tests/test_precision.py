@@ -5,6 +5,7 @@ the trap itself: a converted tiny Llama stored in bf16 at lr 1e-5 keeps its expe
 from __future__ import annotations
 
 import io
+import math
 import sys
 
 import pytest
@@ -21,6 +22,7 @@ from moeify.monitors.base import DEFAULT_MONITORS, build_monitor
 from moeify.precision import (
     Bf16Guard,
     LostUpdateCounter,
+    guards,
     lost_probability,
     spacing,
     stochastic_round_to_bf16,
@@ -266,7 +268,7 @@ def test_kahan_translates_torch_hyperparameters_exactly():
     for cls, kwargs in cases:
         a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
         reference = cls([a], **kwargs)
-        guarded = guard_bf16(holder(b), cls([b], **kwargs), "kahan")
+        guarded = guards._kahan(cls([b], **kwargs))  # the translation (guard_bf16 leaves fp32 alone)
         assert isinstance(guarded, optimi.optimizer.OptimiOptimizer) and guarded.param_groups[0]["kahan_sum"]
         for grad in grads:
             a.grad, b.grad = grad.clone(), grad.clone()
@@ -463,3 +465,40 @@ def test_check_bf16_warns_above_threshold_and_raises_in_strict_mode():
         warnings.simplefilter("error")
         check_bf16(layer, lr=1e-5, warn=False)  # silent when asked
         check_bf16(layer, lr=1e-2)  # nothing lost: no warning
+
+
+@pytest.mark.parametrize("lr", [0, 0.0, -1e-5, math.inf, math.nan, True])
+def test_check_bf16_refuses_an_lr_it_cannot_judge(lr) -> None:  # noqa: ANN001
+    model = holder(nn.Parameter(torch.randn(64).to(torch.bfloat16)))
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        check_bf16(model, lr=lr)
+
+
+def test_check_bf16_judges_a_warm_up_at_its_peak() -> None:
+    """During warm-up the optimizer's lr is 0: the prediction is made at the scheduler's peak
+    (`initial_lr`), and says so; a group at lr 0 with no peak is left out, and said."""
+    w = nn.Parameter((torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16))
+    optimizer = torch.optim.AdamW([w], lr=1e-5)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step / 100)  # warm-up from 0
+    assert optimizer.param_groups[0]["lr"] == 0
+    report = check_bf16(optimizer, warn=False)
+    at_peak = check_bf16(holder(w), lr=1e-5, warn=False)
+    assert report.lost == at_peak.lost > 0.8
+    assert report.notes == ("group 0 is at lr 0 (warm-up?): judged at its scheduler's peak lr 1e-05 (initial_lr)",)
+    bare = torch.optim.AdamW([w], lr=0.0)
+    report = check_bf16(bare, warn=False)
+    assert report.numel == 0 and "not judged; pass lr=<its peak>" in report.notes[0]
+
+
+@pytest.mark.parametrize("method", ["fp32_master", "kahan", "stochastic_rounding"])
+def test_guard_bf16_with_nothing_to_guard_warns_and_keeps_the_optimizer(method: str) -> None:
+    w = nn.Parameter(torch.randn(8))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    with pytest.warns(UserWarning, match="nothing to guard"):
+        returned = guard_bf16(holder(w), optimizer, method)
+    assert returned is optimizer
+    w.grad = torch.ones(8)
+    before = w.detach().clone()
+    optimizer.step()  # not retired: it still steps
+    assert torch.allclose(w.detach(), before - 0.1)
+

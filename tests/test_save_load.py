@@ -327,6 +327,30 @@ def test_a_damaged_record_is_a_clear_error(tmp_path: Path, damage: Callable[[Pat
         moeify.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["record-has-dtypes", "older-record"])
+def test_a_tensor_stored_in_another_dtype_is_refused(tmp_path: Path, recorded: bool) -> None:
+    """The files' headers are checked against the dtypes the save wrote (the record's `dtypes`),
+    and routers must be fp32 in any checkpoint: a float16 router would fail at the first forward."""
+    moeify.save_pretrained(moeify.moeify(BY_NAME["llama"].build(), **RECIPE), tmp_path)
+    if not recorded:
+        _record(lambda r: r.pop("dtypes"))(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS)
+    router = "model.layers.0.mlp.router.gate.weight"
+    tensors[router] = tensors[router].half()
+    save_file(tensors, tmp_path / WEIGHTS)
+    with pytest.raises(CheckpointError, match=rf"1 key\(s\) of another dtype: {router} F16 \(saved as F32\)"):
+        moeify.from_pretrained(tmp_path)
+    expert = "model.layers.1.mlp.experts.w_in"
+    tensors[router] = tensors[router].float()
+    tensors[expert] = tensors[expert].half()
+    save_file(tensors, tmp_path / WEIGHTS)
+    if recorded:
+        with pytest.raises(CheckpointError, match=rf"{expert} F16 \(saved as F32\)"):
+            moeify.from_pretrained(tmp_path)
+    else:  # an older record says nothing of the experts' dtype: weights keep the dtype they are stored in
+        assert moeify.from_pretrained(tmp_path).model.layers[1].mlp.experts.w_in.dtype == torch.float16
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals and guards
 

@@ -96,7 +96,9 @@ def read_record(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f'{path} is not a moeify checkpoint record (no "format": "moeify")')
     version = record.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}; the record is damaged")
+        raise CheckpointError(
+            f"{path}: format_version must be a positive integer, got {version!r}; the record is damaged"
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by moeify {record.get('moeify_version')} in format {version}; this moeify reads "
@@ -107,7 +109,15 @@ def read_record(directory: Path) -> dict[str, Any]:
 
 
 # Fields of a record and the type each must have (the rest are checked where they are read).
-_FIELDS = {"conversions": list, "base": dict, "weights": str, "tied": dict, "buffer_dtypes": dict, "captured": dict}
+_FIELDS = {
+    "conversions": list,
+    "base": dict,
+    "weights": str,
+    "tied": dict,
+    "buffer_dtypes": dict,
+    "captured": dict,
+    "dtypes": dict,
+}
 
 
 def _check_fields(path: Path, record: dict[str, Any]) -> None:
@@ -239,7 +249,9 @@ def _restore_captured(model: nn.Module, record: dict[str, Any]) -> None:
             for name, entry in captured.items()
         }
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"{MOEIFY_CONFIG}: its recorded FFN layouts cannot be read ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{MOEIFY_CONFIG}: its recorded FFN layouts cannot be read ({type(error).__name__}: {error})"
+        ) from None
     state = MoeifyState()
     state.captured = found
     model.moeify_state = state
@@ -266,15 +278,32 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
     return configs
 
 
-def check_keys(model: nn.Module, files: list[Path], tied: dict[str, str]) -> None:
-    """Compare the keys of the files with the model's before reading any tensor."""
+def _retyped(dtypes: dict[str, str], recorded: dict[str, str]) -> list[str]:
+    """Tensors stored in another dtype than the save wrote (the record's `dtypes`), or routers not in
+    float32 (moeify keeps routers fp32 in every model: a float16 router fails at the first forward)."""
+    found = []
+    for key, dtype in sorted(dtypes.items()):
+        want = recorded.get(key) or ("F32" if ".router." in f".{key}" else None)
+        if want is not None and dtype != want:
+            found.append(f"{key} {dtype} (saved as {want})")
+    return found
+
+
+def check_keys(
+    model: nn.Module, files: list[Path], tied: dict[str, str], recorded: dict[str, str] | None = None
+) -> None:
+    """Compare the keys, shapes and dtypes of the files (their headers) with the model's and the
+    record's before reading any tensor."""
     from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as handle:
-                shapes.update((key, handle.get_slice(key).get_shape()) for key in handle.keys())
+                for key in handle.keys():
+                    view = handle.get_slice(key)
+                    shapes[key], dtypes[key] = view.get_shape(), view.get_dtype()
         except SafetensorError as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     present = set(shapes)
@@ -289,6 +318,9 @@ def check_keys(model: nn.Module, files: list[Path], tied: dict[str, str]) -> Non
         if list(shapes[key]) != list(model_state[key].shape)
     ]
     problems = [f"{len(resized)} key(s) of another shape: {_names(resized)}"] if resized else []
+    retyped = _retyped(dtypes, recorded or {})
+    if retyped:
+        problems.append(f"{len(retyped)} key(s) of another dtype: {_names(retyped)}")
     if missing:
         problems.append(f"missing {len(missing)} key(s): {_names(missing)}")
     if unexpected:
@@ -385,7 +417,7 @@ def from_pretrained(
     model = build_base(directory, record, base_model)
     reapply(model, record)
     tied = record.get("tied") or {}
-    check_keys(model, files, tied)
+    check_keys(model, files, tied, record.get("dtypes"))
     load_weights(model, files, tied, device if device is not None else "cpu")
     restore_buffers(model, record.get("buffer_dtypes") or {})
     _check_materialised(model)

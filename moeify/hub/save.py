@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from moeify.atomic import staged_directory
@@ -199,6 +200,20 @@ def _check_no_peft(model: nn.Module) -> None:
         )
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 def _owned(name: str) -> bool:
     """The files of a moeify checkpoint (a save replaces them all; any other file is the user's)."""
     return name in (MOEIFY_CONFIG, GUARD_CONFIG, BASE_CONFIG, GENERATION_CONFIG) or name.startswith("moeify_model")
@@ -208,7 +223,9 @@ def _shard_size(max_shard_size: int | str) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
-        raise ValueError(f"moeify.save_pretrained: max_shard_size must be bytes or a size such as '5GB', got {max_shard_size!r}")
+        raise ValueError(
+            f"moeify.save_pretrained: max_shard_size must be bytes or a size such as '5GB', got {max_shard_size!r}"
+        )
     try:
         size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     except ValueError as error:
@@ -269,6 +286,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             "weights": WEIGHTS_INDEX if sharded else WEIGHTS,
             "tied": tied,
             "buffer_dtypes": buffer_dtypes(model),
+            # Each tensor's dtype as written (safetensors' codes): loading compares the files' headers.
+            "dtypes": {key: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in tensors.items()},
             **({"captured": captured} if captured else {}),
         }
         (staging / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -384,6 +385,16 @@ def guard_bf16(
     if isinstance(optimizer, Bf16Guard):
         raise ValueError(f"this optimizer is already guarded ({type(optimizer).__name__})")
     guarded = _guarded_filter(model, optimizer, scope, method)
+    covered = [p for g in optimizer.param_groups for p in g["params"] if guarded(p)]
+    if method == "kahan":
+        covered = [p for g in optimizer.param_groups for p in g["params"] if p.dtype in LOW_PRECISION]
+    if not covered:
+        warnings.warn(
+            f"guard_bf16: nothing to guard, no trainable bf16/fp16 parameter in scope={scope!r} (an fp32 model "
+            "loses no update to rounding); the optimizer is returned unchanged and stays usable",
+            stacklevel=2,
+        )
+        return optimizer
     if method == "kahan":
         if scope != "all":
             raise ValueError("method='kahan' compensates every bf16/fp16 parameter of the optimizer: use scope='all'")

@@ -18,6 +18,7 @@ torch-optimi's Kahan summation), lose nothing.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -99,6 +100,7 @@ class Bf16Report:
     threshold: float
     groups: tuple[GroupPrediction, ...]
     tensors: tuple[TensorPrediction, ...]
+    notes: tuple[str, ...] = ()  # what the prediction could not judge, or judged at another lr
 
     @property
     def lossy(self) -> bool:
@@ -115,6 +117,7 @@ class Bf16Report:
         lines = [f"bf16 preflight: {self.lost:.1%} of {self.numel:,} trainable elements would lose their updates"]
         lines += [f"  group {g.index} (lr {g.lr:g}): {g.lost:.1%} of {g.numel:,}" for g in self.groups]
         lines += [f"  {t.name} [{t.dtype}, {t.numel:,}, lr {t.lr:g}]: {t.lost:.1%}" for t in self.worst() if t.lost]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -130,14 +133,30 @@ def _kahan_group(group: dict[str, Any]) -> bool:
     return "kahan_sum" in group and group["kahan_sum"] is not False
 
 
+def _group_lr(g: int, group: dict[str, Any], notes: list[str]) -> float | None:
+    """The lr a group is judged at: its own; during warm-up (lr 0) the scheduler's peak
+    (`initial_lr`), said in a note; None (with a note) when there is nothing to judge at."""
+    group_lr = float(group["lr"])
+    if group_lr > 0:
+        return group_lr
+    peak = group.get("initial_lr")
+    if isinstance(peak, (int, float)) and peak > 0 and math.isfinite(peak):
+        notes.append(f"group {g} is at lr 0 (warm-up?): judged at its scheduler's peak lr {peak:g} (initial_lr)")
+        return float(peak)
+    notes.append(f"group {g} is at lr 0 and has no scheduler peak (initial_lr): not judged; pass lr=<its peak>")
+    return None
+
+
 def _from_optimizer(
-    optimizer: torch.optim.Optimizer, lr: float | None, model: nn.Module | None
+    optimizer: torch.optim.Optimizer, lr: float | None, model: nn.Module | None, notes: list[str]
 ) -> list[TensorPrediction]:
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     guard = optimizer if isinstance(optimizer, Bf16Guard) else None
     out = []
     for g, group in enumerate(optimizer.param_groups):
-        group_lr = float(group["lr"]) if lr is None else lr
+        group_lr = _group_lr(g, group, notes) if lr is None else lr
+        if group_lr is None:
+            continue
         group_names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             if not p.requires_grad:
@@ -170,10 +189,14 @@ def check_bf16(
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if lr is not None and not lr >= 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf):
+        raise ValueError(
+            f"lr must be a positive finite number, got {lr!r}: at lr 0 no update is made, so none can be lost (pass "
+            "the peak lr of your schedule)"
+        )
+    notes: list[str] = []
     if isinstance(model_or_optimizer, torch.optim.Optimizer):
-        tensors = _from_optimizer(model_or_optimizer, lr, model)
+        tensors = _from_optimizer(model_or_optimizer, lr, model, notes)
     elif isinstance(model_or_optimizer, nn.Module):
         if lr is None:
             raise ValueError(
@@ -194,7 +217,7 @@ def check_bf16(
         groups.append(GroupPrediction(g, members[0].lr, numel, low, lost))
     numel = sum(t.numel for t in tensors)
     lost = sum(t.lost * t.numel for t in tensors) / numel if numel else 0.0
-    report = Bf16Report(lost, numel, threshold, tuple(groups), tuple(tensors))
+    report = Bf16Report(lost, numel, threshold, tuple(groups), tuple(tensors), tuple(notes))
     if warn or strict:
         warn_if_lossy(report, strict=strict)
     return report
