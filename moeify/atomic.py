@@ -29,6 +29,15 @@ STAGING = ".moeify-staging-"
 PREVIOUS = ".moeify-previous"
 
 
+def as_directory(path: object, caller: str) -> Path:
+    """A path argument as a Path, or a TypeError naming the call (not pathlib's)."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(
+            f"{caller}: the directory must be a path (str or os.PathLike), got {type(path).__name__} {path!r}"
+        )
+    return Path(path).expanduser()
+
+
 def _fsync(path: Path) -> None:
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
     try:

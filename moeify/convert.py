@@ -170,6 +170,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def aux_loss(model: nn.Module) -> Tensor:
     """The weighted sum of every MoE layer's router losses (balance, z-loss, entropy) from the
     last forward, ready to add to the task loss: `loss = task_loss + moeify.aux_loss(model)`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"aux_loss reads a model converted by moeify (an nn.Module), got {type(model).__name__}")
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")

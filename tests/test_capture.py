@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from core_helpers import assert_untouched, snapshot
+from core_helpers import assert_untouched, resign_checkpoint, snapshot
 from torch import Tensor, nn
 
 import moeify
@@ -153,5 +153,6 @@ def test_a_damaged_record_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
     record = json.loads(path.read_text())
     record["captured"]["blocks.0"]["layout"]["version"] = 99
     path.write_text(json.dumps(record))
+    resign_checkpoint(tmp_path)  # reach the layout check, not the checksum
     with pytest.raises(CheckpointError, match="its recorded FFN layouts cannot be read"):
         moeify.from_pretrained(tmp_path, base_model=denoiser())

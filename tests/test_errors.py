@@ -356,3 +356,28 @@ def test_example_inputs_that_do_not_run_the_dense_model_are_refused() -> None:
         moeify.moeify(model, example_inputs={"input_ids": torch.tensor([[1000]])})
     assert_untouched(model, before)
 
+
+
+def _bad_calls(tmp_path):  # noqa: ANN001, ANN202
+    from moeify.monitors import attach_monitors
+
+    converted = moeify.moeify(tiny_llama(), num_experts=2)
+    return [
+        (lambda: attach_monitors(converted, 5), TypeError, "monitors must be 'default'"),
+        (lambda: attach_monitors(converted, sinks=[3]), TypeError, "sinks must be a list of sinks"),
+        (lambda: attach_monitors(5), TypeError, "attach_monitors watches an nn.Module"),
+        (lambda: moeify.aux_loss(5), TypeError, "aux_loss reads a model converted by moeify"),
+        (lambda: moeify.save_pretrained(converted, 5), TypeError, "moeify.save_pretrained: the directory must be a path"),
+        (lambda: moeify.from_pretrained(None), TypeError, "moeify.from_pretrained: the directory must be a path"),
+        (lambda: moeify.from_pretrained(tmp_path, device="bogus"), ValueError, "device='bogus' is not a torch device"),
+        (lambda: moeify.export(converted, tmp_path / "e", "mixtral", tolerance=-1), ValueError, "tolerance a positive"),
+    ]
+
+
+def test_bad_arguments_are_refused_at_the_door(tmp_path) -> None:  # noqa: ANN001
+    """Each public call checks its arguments itself: a message naming the call and the argument,
+    never an error from inside pathlib, safetensors or a later step, and nothing written."""
+    for call, kind, says in _bad_calls(tmp_path):
+        with pytest.raises(kind, match=re.escape(says)):
+            call()
+    assert list(tmp_path.iterdir()) == []

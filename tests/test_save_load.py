@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from accelerate import init_empty_weights
+from core_helpers import resign_checkpoint
 from safetensors.torch import load_file, save_file
 from tiny_diffusers import pixart
 from tiny_transformers import BY_NAME
@@ -268,6 +269,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path: Path) -> None:
     tensors = load_file(shard)
     tensors["model.layers.1.mlp.bogus"] = tensors.pop(victim)
     save_file(tensors, shard)
+    resign_checkpoint(tmp_path)  # reach the key check, not the checksum
     with pytest.raises(
         CheckpointError, match=rf"missing 1 key\(s\): {victim}; unexpected 1 key\(s\): model.layers.1.mlp.bogus"
     ):
@@ -280,23 +282,27 @@ def test_wrong_shapes_and_newer_format_are_refused(tmp_path: Path) -> None:
     record = json.loads((tmp_path / MOEIFY_CONFIG).read_text())
     record["conversions"][0]["num_experts"] = 2  # the rebuilt model no longer fits the weights
     (tmp_path / MOEIFY_CONFIG).write_text(json.dumps(record))
+    resign_checkpoint(tmp_path)
     with pytest.raises(
         CheckpointError,
         match=r"6 key\(s\) of another shape: model.layers.0.mlp.experts.w_in \[4, 128, 32\] \(model \[2, 128, 32\]\)",
     ):
         moeify.from_pretrained(tmp_path)
+    record = json.loads((tmp_path / MOEIFY_CONFIG).read_text())
     record["format_version"] = 99
     (tmp_path / MOEIFY_CONFIG).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="pip install -U moeify"):
         moeify.from_pretrained(tmp_path)
 
 
+# Each damage re-signs the checkpoint (its checksums recomputed), as if it had been saved that way:
+# the check under test is reached instead of the checksum (tests/test_properties.py flips bytes).
 def _remove(name: str) -> Callable[[Path], None]:
-    return lambda directory: (directory / name).unlink()
+    return lambda directory: ((directory / name).unlink(), resign_checkpoint(directory))
 
 
 def _write(name: str, text: str) -> Callable[[Path], None]:
-    return lambda directory: (directory / name).write_text(text)
+    return lambda directory: ((directory / name).write_text(text), resign_checkpoint(directory))
 
 
 def _record(change: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -304,6 +310,7 @@ def _record(change: Callable[[dict], None]) -> Callable[[Path], None]:
         record = json.loads((directory / MOEIFY_CONFIG).read_text())
         change(record)
         (directory / MOEIFY_CONFIG).write_text(json.dumps(record))
+        resign_checkpoint(directory)
 
     return edit
 
@@ -338,12 +345,14 @@ def test_a_tensor_stored_in_another_dtype_is_refused(tmp_path: Path, recorded: b
     router = "model.layers.0.mlp.router.gate.weight"
     tensors[router] = tensors[router].half()
     save_file(tensors, tmp_path / WEIGHTS)
+    resign_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=rf"1 key\(s\) of another dtype: {router} F16 \(saved as F32\)"):
         moeify.from_pretrained(tmp_path)
     expert = "model.layers.1.mlp.experts.w_in"
     tensors[router] = tensors[router].float()
     tensors[expert] = tensors[expert].half()
     save_file(tensors, tmp_path / WEIGHTS)
+    resign_checkpoint(tmp_path)
     if recorded:
         with pytest.raises(CheckpointError, match=rf"{expert} F16 \(saved as F32\)"):
             moeify.from_pretrained(tmp_path)

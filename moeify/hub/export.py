@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from moeify.atomic import staged_directory
+from moeify.atomic import as_directory, staged_directory
 from moeify.convert import moe_layers
 from moeify.hub.export_formats import (
     BASES,
@@ -246,7 +246,11 @@ def export(
     the logit scale (float32 models), else nothing is written. Raises `ExportError` (a ValueError)
     naming what cannot be represented; no directory is left behind on failure. Returns the path.
     """
-    directory = Path(directory)
+    directory = as_directory(directory, "moeify.export")
+    if not isinstance(verify, bool) or not (isinstance(tolerance, (int, float)) and 0 < tolerance < float("inf")):
+        raise ExportError(
+            f"moeify.export: verify must be True/False and tolerance a positive number, got {verify!r}, {tolerance!r}"
+        )
     _prepare_directory(directory, overwrite)
     target = _build_native(model, format)
 

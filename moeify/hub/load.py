@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moeify.atomic import recover
+from moeify.atomic import as_directory, recover
 from moeify.config import MoeifyConfig
 from moeify.convert import MoeifyState, moe_layers, moeify
-from moeify.hub.save import FORMAT_VERSION, GENERATION_CONFIG, MOEIFY_CONFIG
+from moeify.hub.save import FORMAT_VERSION, GENERATION_CONFIG, MOEIFY_CONFIG, file_checksum, record_checksum
 from moeify.surgery import ConversionError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -51,7 +51,7 @@ def _refuse_pickle(directory: Path) -> None:
 def resolve(directory_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: Any = None) -> Path:
     """A local directory as is; anything else is taken as a Hub repo id and its JSON and
     safetensors files (nothing else) are downloaded."""
-    path = Path(directory_or_repo_id).expanduser()
+    path = as_directory(directory_or_repo_id, "moeify.from_pretrained")
     recover(path)  # a save killed between its two renames leaves the old checkpoint beside the path
     if path.exists():
         if not path.is_dir():
@@ -105,11 +105,32 @@ def read_record(directory: Path) -> dict[str, Any]:
             f"format {FORMAT_VERSION} and older: pip install -U moeify"
         )
     _check_fields(path, record)
+    stored = record.get("record_checksum")
+    if stored is not None and stored != record_checksum(record):
+        raise CheckpointError(f"{path}: its content does not match its checksum; the record is damaged")
     return record
+
+
+def verify_checksums(directory: Path, record: dict[str, Any]) -> None:
+    """Every file the record has a checksum for is there and intact (records written before
+    checksums have none to compare)."""
+    for name, expected in (record.get("checksums") or {}).items():
+        path = directory / str(name)
+        if Path(str(name)).name != name:
+            raise CheckpointError(f"{directory / MOEIFY_CONFIG}: a checksum names {name!r}, not a file beside it")
+        if not path.is_file():
+            _refuse_pickle(directory)
+            raise CheckpointError(f"{directory}: {name} is missing; the checkpoint is incomplete")
+        if file_checksum(path) != expected:
+            raise CheckpointError(
+                f"{path} does not match its checksum in {MOEIFY_CONFIG}: the file is damaged (a partial download or "
+                "a flipped byte); fetch or save it again"
+            )
 
 
 # Fields of a record and the type each must have (the rest are checked where they are read).
 _FIELDS = {
+    "checksums": dict,
     "conversions": list,
     "base": dict,
     "weights": str,
@@ -411,8 +432,14 @@ def from_pretrained(
     names any missing or unexpected key). Returns the model in eval mode, its outputs
     bit-identical to the saved model's; weights keep their saved dtypes, on `device` (CPU by default).
     """
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"moeify.from_pretrained: device={device!r} is not a torch device ({error})") from None
     directory = resolve(directory_or_repo_id, revision=revision, token=token)
     record = read_record(directory)
+    verify_checksums(directory, record)
     files = weight_files(directory, record)
     model = build_base(directory, record, base_model)
     reapply(model, record)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moeify.atomic import staged_directory
+from moeify.atomic import as_directory, staged_directory
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
 # checkpoint without them is still written as format 1, which older moeify versions read.
@@ -214,6 +215,21 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def file_checksum(path: Path) -> str:
+    """CRC32 of a file's bytes, as 8 hex digits (read in 16 MiB chunks)."""
+    crc = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def record_checksum(record: dict[str, Any]) -> str:
+    """CRC32 of the record's content without its own checksum (canonical JSON)."""
+    content = {key: value for key, value in record.items() if key != "record_checksum"}
+    return f"{zlib.crc32(json.dumps(content, sort_keys=True).encode()):08x}"
+
+
 def _owned(name: str) -> bool:
     """The files of a moeify checkpoint (a save replaces them all; any other file is the user's)."""
     return name in (MOEIFY_CONFIG, GUARD_CONFIG, BASE_CONFIG, GENERATION_CONFIG) or name.startswith("moeify_model")
@@ -258,7 +274,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             "converted (no model.moeify_state): call moeify(model, ...) first, or save it with its own library"
         )
     _check_no_peft(model)
-    directory = Path(directory)
+    directory = as_directory(directory, "moeify.save_pretrained")
     _check_directory(directory)
     shard_size = _shard_size(max_shard_size)
     captured = _captured(state)
@@ -277,6 +293,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             metadata={"format": "pt", "moeify_version": __version__},
         )
         sharded = (staging / WEIGHTS_INDEX).is_file()
+        checksums = {path.name: file_checksum(path) for path in sorted(staging.iterdir()) if path.is_file()}
         record = {
             "format": "moeify",
             "format_version": version,
@@ -289,9 +306,13 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             # Each tensor's dtype as written (safetensors' codes): loading compares the files' headers.
             "dtypes": {key: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in tensors.items()},
             **({"captured": captured} if captured else {}),
+            # CRC32 of every other file and of this record: a flipped byte is refused on load, not
+            # loaded as a silently different model (safetensors has no checksum of its own).
+            "checksums": checksums,
         }
+        record["record_checksum"] = record_checksum(record)
         (staging / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return directory
 
 
-__all__ = ["FORMAT_VERSION", "GUARD_NAME", "MOEIFY_CONFIG", "save_pretrained"]
+__all__ = ["FORMAT_VERSION", "GUARD_NAME", "MOEIFY_CONFIG", "file_checksum", "record_checksum", "save_pretrained"]

@@ -190,6 +190,17 @@ def attach_monitors(
     every_n_steps: int = 1,
 ) -> MonitorRunner:
     """Start watching a converted model's routing. `monitors`: "default", or names / instances."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach_monitors watches an nn.Module converted by moeify, got {type(model).__name__}")
+    if not isinstance(monitors, (str, Iterable)):
+        raise TypeError(
+            f"monitors must be 'default', a monitor name, or a list of names / Monitor instances, got {monitors!r}"
+        )
+    sinks = list(sinks) if isinstance(sinks, Iterable) else sinks
+    if not isinstance(sinks, list) or any(not callable(getattr(s, "write", None)) for s in sinks):
+        raise TypeError(
+            f"sinks must be a list of sinks (objects with write(record) and close(summary)), got {sinks!r}; see moeify.sinks"
+        )
     if monitors == "default":
         chosen: list[Monitor] = [build_monitor(name) for name in DEFAULT_MONITORS]
     elif isinstance(monitors, str):
