@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeify
-from moeify.integrations.accelerate import fsdp2_plugin, prepare, register_state
+from moeify.integrations.accelerate import fsdp2_plugin, prepare, register_state, save_state
 from moeify.monitors import attach_monitors
 from moeify.sinks import AccelerateSink, JsonlSink
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> float:
         if (step + 1) % 5 == 0 or step + 1 == args.max_steps:
             accelerator.print(f"step {step + 1} loss {loss.item():.4f}")
         if step + 1 == save_at:
-            accelerator.save_state(str(args.out / "checkpoint"))
+            save_state(accelerator, args.out / "checkpoint")  # crash-safe accelerator.save_state
     runner.close()
     accelerator.print(f"final_loss={loss.item():.8f} steps={runner.steps} events={len(runner.events)}")
     accelerator.wait_for_everyone()  # no rank tears gloo down while another still talks

@@ -115,7 +115,9 @@ def test_keep_stats_local_names_every_routing_accumulator():
     model = _llama()
     model._ddp_params_and_buffers_to_ignore = ["lm_head.weight"]
     names = integration.keep_stats_local(model)
-    assert names == [f"model.layers.{i}.mlp.{b}" for i in range(2) for b in ("stat_prob_sum", "stat_sums", "tokens_per_expert")]
+    assert names == [
+        f"model.layers.{i}.mlp.{b}" for i in range(2) for b in ("stat_prob_sum", "stat_sums", "tokens_per_expert")
+    ]
     assert model._ddp_params_and_buffers_to_ignore == ["lm_head.weight", *names]
     assert set(names) <= {name for name, _ in model.named_buffers()}
 
@@ -156,6 +158,44 @@ def test_save_state_resume_continues_exactly(tmp_path):
     saved = torch.load(tmp_path / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True)
     assert saved["monitor_steps"] == 2 and saved["recipes"] == state.state_dict()["recipes"]
     assert moeify.MoeifyConfig.from_dict(__import__("json").loads(saved["recipes"])[0]).num_experts == 4
+
+
+def test_crash_safe_save_state_keeps_the_old_checkpoint_when_a_save_fails(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint"
+    accelerator = Accelerator(cpu=True)
+    model = _llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    integration.register_state(accelerator, model, attach_monitors(model, monitors=["expert_load"]))
+    model, optimizer = integration.prepare(accelerator, model, optimizer)
+    assert integration.save_state(accelerator, checkpoint) == checkpoint
+    (checkpoint / "notes.txt").write_text("the user's")
+    (checkpoint / "optimizer_7.bin").write_bytes(b"stale: from a save with eight optimizers")
+    first = sorted(path.name for path in checkpoint.iterdir())
+    saved = {name: (checkpoint / name).read_bytes() for name in first}
+    assert "custom_checkpoint_0.pkl" in first and "optimizer.bin" in first
+
+    real_save = accelerator.save_state
+
+    def dies_midway(output_dir):  # writes part of a checkpoint, then the disk fills up
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", dies_midway)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="No space"):
+        integration.save_state(accelerator, checkpoint)
+    assert {name: (checkpoint / name).read_bytes() for name in first} == saved
+    assert sorted(path.name for path in checkpoint.iterdir()) == first
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint"]  # no staging left behind
+
+    monkeypatch.setattr(accelerator, "save_state", real_save)
+    integration.save_state(accelerator, checkpoint)  # a later save replaces what accelerate wrote
+    assert (checkpoint / "model.safetensors").read_bytes() != saved["model.safetensors"]
+    assert (checkpoint / "notes.txt").read_text() == "the user's"
+    assert not (checkpoint / "optimizer_7.bin").exists()
+    with pytest.raises(TypeError, match="save_state"):
+        integration.save_state(accelerator, 3)
 
 
 def test_checkpoint_of_another_recipe_is_refused(tmp_path):

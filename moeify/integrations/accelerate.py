@@ -6,7 +6,7 @@
     register_state(accelerator, model, runner)         # before save_state / load_state
     model, optimizer = prepare(accelerator, model, optimizer)
     ...
-    accelerator.save_state(out / "checkpoint")          # or accelerator.load_state(...)
+    save_state(accelerator, out / "checkpoint")         # accelerator.save_state, crash-safe; load_state reads it
 
 Monitor records reach accelerate's trackers through `moeify.sinks.AccelerateSink`. Attach the
 runner on EVERY rank: `runner.step()` all-reduces the routing statistics (a collective), and the
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ try:
 except ImportError as error:  # pragma: no cover - accelerate is a core dependency
     raise ImportError("moeify.integrations.accelerate needs accelerate: pip install 'accelerate>=1.0'") from error
 
+from moeify.atomic import STAGING, as_directory, recover, swap_in, sync_tree
 from moeify.convert import moe_layers
 
 STATE_FORMAT = 1
@@ -106,7 +109,9 @@ def keep_stats_local(model: nn.Module) -> list[str]:
     returns the buffer names DDP now ignores."""
     from torch.nn.parallel import DistributedDataParallel
 
-    names = [f"{name}.{buffer}" for name, layer in moe_layers(model) for buffer in sorted(layer._non_persistent_buffers_set)]
+    names = [
+        f"{name}.{buffer}" for name, layer in moe_layers(model) for buffer in sorted(layer._non_persistent_buffers_set)
+    ]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     ignored += [name for name in names if name not in ignored]
     # torch's documented workaround until DDP has a public API (pytorch/pytorch#43690).
@@ -190,4 +195,59 @@ def register_state(accelerator: accelerate.Accelerator, model: nn.Module, runner
     return checkpoint
 
 
-__all__ = ["MoeifyCheckpoint", "check_launch", "fsdp2_plugin", "keep_stats_local", "prepare", "register_state", "shard_routers"]
+# What `Accelerator.save_state` writes (accelerate.utils.constants, checkpointing.py): a stale
+# one from an earlier save with more models or optimizers goes; anything else the user put there stays.
+_ACCELERATE_FILES = (
+    "model",
+    "pytorch_model",
+    "optimizer",
+    "scheduler",
+    "sampler",
+    "random_states_",
+    "custom_checkpoint_",
+    "dl_state_dict",
+    "scaler.pt",
+)
+
+
+def _written_by_accelerate(name: str) -> bool:
+    return name.startswith(_ACCELERATE_FILES)
+
+
+def save_state(accelerator: accelerate.Accelerator, output_dir: str | os.PathLike) -> Path:
+    """`accelerator.save_state(output_dir)`, crash-safe (moeify.atomic): every process writes into
+    one staging directory beside `output_dir`; once all are done, the main process swaps it in
+    whole. A save that fails or is killed leaves the checkpoint that was at `output_dir` for
+    `accelerator.load_state`; files there that accelerate does not write are kept. Call it on every process, as `save_state` itself."""
+    target = as_directory(output_dir, "moeify.integrations.accelerate.save_state")
+    staging = target.parent / f".{target.name}{STAGING}accelerate"  # one name for every rank
+    if accelerator.is_main_process:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        shutil.rmtree(staging, ignore_errors=True)  # a save that died before its swap
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            sync_tree(staging)
+            swap_in(staging, target, owned=_written_by_accelerate)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    return target
+
+
+__all__ = [
+    "MoeifyCheckpoint",
+    "check_launch",
+    "fsdp2_plugin",
+    "keep_stats_local",
+    "prepare",
+    "register_state",
+    "save_state",
+    "shard_routers",
+]

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from dist_common import KINDS, STARVED, batch, build, flat_params, loss_of, starve
 
 import moeify
-from moeify.integrations.accelerate import prepare, register_state
+from moeify.integrations.accelerate import prepare, register_state, save_state
 from moeify.monitors import attach_monitors, gather
 
 STEPS = 3
@@ -82,7 +82,7 @@ def run_with_checkpoint(rank: int, out: Path, steps: int, save_at: int | None, r
         optimizer.zero_grad()
         runner.step()
         if step + 1 == save_at:
-            accelerator.save_state(str(out / "checkpoint"))
+            save_state(accelerator, out / "checkpoint")  # every rank into one staging directory
     return {"params": flat_params(model), "resumed_at": resumed_at, "steps": runner.steps}
 
 
