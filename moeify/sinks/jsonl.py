@@ -71,7 +71,10 @@ def read_run(directory: str | Path) -> dict[str, Any]:
     """Read a run directory back: {"history": [...], "events": [...], "summary": {...}}."""
     directory = Path(directory)
     if not (directory / HISTORY).exists():
-        raise FileNotFoundError(f"{directory} is not a moeify run directory (no {HISTORY})")
+        raise FileNotFoundError(
+            f"{directory} is not a moeify run directory (no {HISTORY}): pass the directory "
+            "given to JsonlSink(...) in the training run"
+        )
 
     def lines(name: str) -> list[dict[str, Any]]:
         path = directory / name
@@ -86,7 +89,9 @@ def read_run(directory: str | Path) -> dict[str, Any]:
             try:
                 records.append(json.loads(line)) if line else None
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({error}); the run file is damaged") from None
+                raise ValueError(
+                    f"{path}, line {number}: not a JSON record ({error}); the run file is damaged"
+                ) from None
         return records
 
     summary_path = directory / SUMMARY
