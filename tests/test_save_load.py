@@ -334,6 +334,28 @@ def test_a_damaged_record_is_a_clear_error(tmp_path: Path, damage: Callable[[Pat
         moeify.from_pretrained(tmp_path)
 
 
+def test_checksums_name_the_damaged_file_and_older_records_without_them_load(tmp_path: Path) -> None:
+    model = moeify.moeify(BY_NAME["llama"].build(), **RECIPE)
+    moeify.save_pretrained(model, tmp_path)
+    weights = bytearray((tmp_path / WEIGHTS).read_bytes())
+    weights[-1] ^= 0x01  # the last byte of the last tensor: the header still parses, a weight changed
+    (tmp_path / WEIGHTS).write_bytes(bytes(weights))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS} does not match its checksum .*fetch or save it again"):
+        moeify.from_pretrained(tmp_path)
+    weights[-1] ^= 0x01
+    (tmp_path / WEIGHTS).write_bytes(bytes(weights))
+    record_text = (tmp_path / MOEIFY_CONFIG).read_text()
+    (tmp_path / MOEIFY_CONFIG).write_text(record_text.replace('"top_k": 2', '"top_k": 1'))
+    with pytest.raises(CheckpointError, match="does not match its checksum; the record is damaged"):
+        moeify.from_pretrained(tmp_path)
+    record = json.loads(record_text)
+    del record["checksums"], record["record_checksum"]  # as written before checksums existed
+    (tmp_path / MOEIFY_CONFIG).write_text(json.dumps(record))
+    loaded, ids = moeify.from_pretrained(tmp_path), torch.arange(8)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["record-has-dtypes", "older-record"])
 def test_a_tensor_stored_in_another_dtype_is_refused(tmp_path: Path, recorded: bool) -> None:
     """The files' headers are checked against the dtypes the save wrote (the record's `dtypes`),
