@@ -169,6 +169,7 @@ def test_crash_safe_save_state_keeps_the_old_checkpoint_when_a_save_fails(tmp_pa
     model, optimizer = integration.prepare(accelerator, model, optimizer)
     assert integration.save_state(accelerator, checkpoint) == checkpoint
     (checkpoint / "notes.txt").write_text("the user's")
+    (checkpoint / "model_card.md").write_text("the user's too")  # near accelerate's names, not one of them
     (checkpoint / "optimizer_7.bin").write_bytes(b"stale: from a save with eight optimizers")
     first = sorted(path.name for path in checkpoint.iterdir())
     saved = {name: (checkpoint / name).read_bytes() for name in first}
@@ -193,6 +194,7 @@ def test_crash_safe_save_state_keeps_the_old_checkpoint_when_a_save_fails(tmp_pa
     integration.save_state(accelerator, checkpoint)  # a later save replaces what accelerate wrote
     assert (checkpoint / "model.safetensors").read_bytes() != saved["model.safetensors"]
     assert (checkpoint / "notes.txt").read_text() == "the user's"
+    assert (checkpoint / "model_card.md").read_text() == "the user's too"
     assert not (checkpoint / "optimizer_7.bin").exists()
     with pytest.raises(TypeError, match="save_state"):
         integration.save_state(accelerator, 3)

@@ -22,7 +22,7 @@ from moeify.monitors.base import DEFAULT_MONITORS, build_monitor
 from moeify.precision import (
     Bf16Guard,
     LostUpdateCounter,
-    guards,
+    kahan,
     lost_probability,
     spacing,
     stochastic_round_to_bf16,
@@ -268,7 +268,7 @@ def test_kahan_translates_torch_hyperparameters_exactly():
     for cls, kwargs in cases:
         a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
         reference = cls([a], **kwargs)
-        guarded = guards._kahan(cls([b], **kwargs))  # the translation (guard_bf16 leaves fp32 alone)
+        guarded = kahan.kahan(cls([b], **kwargs))  # the translation (guard_bf16 leaves fp32 alone)
         assert isinstance(guarded, optimi.optimizer.OptimiOptimizer) and guarded.param_groups[0]["kahan_sum"]
         for grad in grads:
             a.grad, b.grad = grad.clone(), grad.clone()
@@ -334,6 +334,9 @@ def test_guard_errors_and_scope():
         guard_bf16(model, guard_bf16(model, torch.optim.AdamW([w])))
     with pytest.raises(ValueError, match="has none"):
         guard_bf16(model, torch.optim.AdamW([w]), scope="moe")
+    fp32 = nn.Parameter(torch.ones(4))  # refused for the combination, not warned about as nothing to guard
+    with pytest.raises(ValueError, match="method='kahan' compensates every bf16/fp16 parameter"):
+        guard_bf16(holder(fp32), torch.optim.AdamW([fp32]), "kahan", scope="moe")
     half = nn.Parameter(torch.ones(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="fp16"):
         guard_bf16(holder(half), torch.optim.AdamW([half]), "stochastic_rounding")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -195,30 +196,25 @@ def register_state(accelerator: accelerate.Accelerator, model: nn.Module, runner
     return checkpoint
 
 
-# What `Accelerator.save_state` writes (accelerate.utils.constants, checkpointing.py): a stale
-# one from an earlier save with more models or optimizers goes; anything else the user put there stays.
-_ACCELERATE_FILES = (
-    "model",
-    "pytorch_model",
-    "optimizer",
-    "scheduler",
-    "sampler",
-    "random_states_",
-    "custom_checkpoint_",
-    "dl_state_dict",
-    "scaler.pt",
+# What `Accelerator.save_state` writes (accelerate.utils.constants, checkpointing.py, fsdp_utils.py):
+# a stale one from an earlier save with more models or optimizers goes; anything else stays.
+_ACCELERATE_FILE = re.compile(
+    r"(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict|pytorch_model_fsdp)(_\d+)?"
+    r"(-\d+-of-\d+)?(\.safetensors|\.bin)?(\.index\.json)?"
+    r"|(random_states|custom_checkpoint)_\d+\.pkl|scaler\.pt"
 )
 
 
 def _written_by_accelerate(name: str) -> bool:
-    return name.startswith(_ACCELERATE_FILES)
+    return _ACCELERATE_FILE.fullmatch(name) is not None
 
 
 def save_state(accelerator: accelerate.Accelerator, output_dir: str | os.PathLike) -> Path:
     """`accelerator.save_state(output_dir)`, crash-safe (moeify.atomic): every process writes into
     one staging directory beside `output_dir`; once all are done, the main process swaps it in
     whole. A save that fails or is killed leaves the checkpoint that was at `output_dir` for
-    `accelerator.load_state`; files there that accelerate does not write are kept. Call it on every process, as `save_state` itself."""
+    `accelerator.load_state`; files there that accelerate does not write are kept. Call it on
+    every process, as `save_state` itself."""
     target = as_directory(output_dir, "moeify.integrations.accelerate.save_state")
     staging = target.parent / f".{target.name}{STAGING}accelerate"  # one name for every rank
     if accelerator.is_main_process:

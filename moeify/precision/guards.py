@@ -33,7 +33,6 @@ optimizer keeps as the parameter's truth, read by `check_bf16` and the lost-upda
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -44,11 +43,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from moeify.convert import moe_layers
+from moeify.precision.kahan import kahan
 from moeify.precision.rounding import LOW_PRECISION, stochastic_round_to_bf16
 
 METHODS = ("fp32_master", "kahan", "stochastic_rounding")
 SCOPES = ("all", "moe")
-OPTIMI_INSTALL = "pip install torch-optimi"
 
 
 @runtime_checkable
@@ -245,94 +244,6 @@ class StochasticRounding(ShadowOptimizer):
             self._generator(torch.device(device)).set_state(state)
 
 
-# ------------------------------------------------------------------ Kahan summation (torch-optimi)
-
-
-class _KahanGuard:
-    """Mixed into torch-optimi's classes: its effective value is the weight plus its compensation."""
-
-    method = "kahan"
-
-    def protects(self, param: Tensor) -> bool:
-        return param.dtype in LOW_PRECISION and any(param is p for g in self.param_groups for p in g["params"])
-
-    def effective_value(self, param: Tensor) -> Tensor:
-        comp = self.state[param].get("kahan_comp") if param in self.state else None
-        if comp is None or comp.shape != param.shape:
-            return param
-        return param.float() + comp.float()
-
-
-@functools.cache
-def _kahan_class(base: type) -> type:
-    return type(f"Kahan{base.__name__}", (_KahanGuard, base), {"__module__": __name__})
-
-
-def _import_optimi() -> Any:
-    try:
-        import optimi
-    except ImportError as err:
-        raise ImportError(f"guard_bf16(method='kahan') uses torch-optimi's Kahan summation: {OPTIMI_INSTALL}") from err
-    return optimi
-
-
-def _adam_group(group: dict[str, Any], decoupled: bool) -> dict[str, Any]:
-    for flag in ("amsgrad", "maximize"):
-        if group.get(flag):
-            raise ValueError(f"torch-optimi's Adam has no {flag}=True; use method='fp32_master'")
-    beta1, beta2 = group["betas"]
-    return {
-        "lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2), "eps": group["eps"],
-        "weight_decay": group["weight_decay"], "decouple_wd": bool(group.get("decoupled_weight_decay", decoupled)),
-    }  # fmt: skip
-
-
-def _sgd_group(group: dict[str, Any]) -> dict[str, Any]:
-    for flag in ("nesterov", "maximize"):
-        if group.get(flag):
-            raise ValueError(f"torch-optimi's SGD has no {flag}=True; use method='fp32_master'")
-    momentum, dampening = group["momentum"], group["dampening"]
-    if dampening not in (0, momentum):
-        raise ValueError(
-            f"torch-optimi's SGD supports dampening 0 or = momentum, got {dampening}; use method='fp32_master'"
-        )
-    # optimi's dampening=True is torch's dampening = momentum (with torch's first-step init).
-    damp = dampening != 0
-    return {"lr": float(group["lr"]), "momentum": momentum, "weight_decay": group["weight_decay"],
-            "dampening": damp, "torch_init": damp, "decouple_wd": False}  # fmt: skip
-
-
-# torch optimizer -> (optimi class name, group translation). optimi's defaults differ from torch's
-# (betas (0.9, 0.99), eps 1e-6, AdamW weight_decay 1e-2): every hyperparameter is passed explicitly.
-_KAHAN = {
-    torch.optim.AdamW: ("AdamW", lambda g: _adam_group(g, True)),
-    torch.optim.Adam: ("Adam", lambda g: _adam_group(g, False)),
-    torch.optim.SGD: ("SGD", _sgd_group),
-}
-
-
-def _kahan(optimizer: Optimizer) -> Optimizer:
-    if type(optimizer) not in _KAHAN:
-        supported = ", ".join(f"torch.optim.{cls.__name__}" for cls in _KAHAN)
-        raise TypeError(
-            f"guard_bf16(method='kahan') translates {supported} to torch-optimi, not {type(optimizer).__name__}; "
-            "use method='fp32_master' (any optimizer class) or build an optimi optimizer with kahan_sum=True"
-        )
-    if optimizer.state:
-        raise ValueError(
-            "guard_bf16(method='kahan') must come before the first step: torch-optimi cannot take over "
-            "torch's optimizer state; use method='fp32_master' to guard an optimizer that has stepped"
-        )
-    optimi = _import_optimi()
-    name, translate = _KAHAN[type(optimizer)]
-    known = set(optimizer.defaults)
-    groups = [
-        {**{k: v for k, v in g.items() if k not in known}, **translate(g), "kahan_sum": True}
-        for g in optimizer.param_groups
-    ]
-    return _kahan_class(getattr(optimi, name))(groups, lr=groups[0]["lr"], kahan_sum=True)
-
-
 # ------------------------------------------------------------------ the verb
 
 
@@ -384,6 +295,8 @@ def guard_bf16(
         raise TypeError(f"guard_bf16 wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, Bf16Guard):
         raise ValueError(f"this optimizer is already guarded ({type(optimizer).__name__})")
+    if method == "kahan" and scope != "all":
+        raise ValueError("method='kahan' compensates every bf16/fp16 parameter of the optimizer: use scope='all'")
     guarded = _guarded_filter(model, optimizer, scope, method)
     covered = [p for g in optimizer.param_groups for p in g["params"] if guarded(p)]
     if method == "kahan":
@@ -396,9 +309,7 @@ def guard_bf16(
         )
         return optimizer
     if method == "kahan":
-        if scope != "all":
-            raise ValueError("method='kahan' compensates every bf16/fp16 parameter of the optimizer: use scope='all'")
-        new = _kahan(optimizer)
+        new = kahan(optimizer)
     elif method == "fp32_master":
         new = MasterWeights(optimizer, guarded)
     else:
