@@ -58,7 +58,7 @@ def train(model: torch.nn.Module, steps: int, lr: float) -> list[float]:
     losses = []
     for step in range(steps):
         ids = batch(step % 2)  # two batches, seen again and again: the loss must fall
-        loss = model(input_ids=ids, labels=ids).loss + moeify.aux_loss(model)  # router losses too
+        loss = model(input_ids=ids, labels=ids).loss  # router losses included (training mode)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -56,8 +56,8 @@ def train(model: torch.nn.Module, steps: int, run_dir: Path) -> None:
     model.train()
     for step in range(steps):
         ids = torch.randint(3, 256, (4, 4), generator=generator).repeat(1, 8)
-        loss = model(input_ids=ids, labels=ids).loss
-        (loss + moeify.aux_loss(model)).backward()
+        loss = model(input_ids=ids, labels=ids).loss  # includes the router losses (training mode)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if (step + 1) % 5 == 0 or step + 1 == steps:

@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> float:
     loss = torch.zeros(())
     for step in range(start, args.max_steps):
         ids = batch(args, vocab, step, accelerator.process_index).to(accelerator.device)
-        loss = model(input_ids=ids, labels=ids).loss
-        accelerator.backward(loss + moeify.aux_loss(model))
+        out = model(input_ids=ids, labels=ids)  # out.loss includes the router losses (out.aux_loss)
+        loss = out.loss - out.aux_loss.detach()  # the task loss, for the log
+        accelerator.backward(out.loss)
         optimizer.step()
         optimizer.zero_grad()
         runner.step()

@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
     for step in range(args.steps):
-        task = model(input_ids=ids, labels=ids).loss
-        aux = moeify.aux_loss(model)
-        (task + aux).backward()
+        out = model(input_ids=ids, labels=ids)  # in training mode out.loss includes the router losses
+        aux = out.aux_loss
+        task = out.loss - aux.detach()
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         if step == 0 or (step + 1) % 5 == 0 or step + 1 == args.steps:

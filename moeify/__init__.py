@@ -7,7 +7,7 @@
 
 from moeify.architectures import FFNLayout, register_conditioning, register_ffn, register_skip
 from moeify.config import MoeifyConfig
-from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify
+from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify, token_mask
 from moeify.hub.card import model_card
 from moeify.hub.export import ExportError, export
 from moeify.hub.load import from_pretrained
@@ -55,4 +55,5 @@ __all__ = [
     "register_router",
     "register_skip",
     "save_pretrained",
+    "token_mask",
 ]

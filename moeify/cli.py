@@ -10,6 +10,8 @@
 PATH is a local transformers or diffusers model directory (told apart by its config.json:
 transformers writes `model_type`, diffusers `_class_name`) or, for inspect, a moeify checkpoint.
 Recipe options: --experts N --top-k K --shared N --router KIND --layers 0,1,... --seed S.
+convert and export carry the tokenizer, chat template and processor files found beside the
+source (moeify.hub.companions), so OUT works with AutoTokenizer and transformers.pipeline.
 Errors are one line on stderr; the exit code is 2 for bad usage, 1 for anything else that failed
 (MOEIFY_DEBUG=1 shows the traceback).
 """
@@ -174,6 +176,18 @@ def _step(message: str) -> float:
     return time.perf_counter()
 
 
+def _companions_line(model: nn.Module, out: Path) -> str:
+    """Which tokenizer / processor files went into `out`, and from where."""
+    from moeify.hub.companions import companion_files, source_directory
+
+    carried, source = companion_files(out), source_directory(model)
+    if source is not None:
+        return f"carried {len(carried)} tokenizer / processor file(s) from {source}: {', '.join(carried)}"
+    if carried:
+        return f"kept the {len(carried)} tokenizer / processor file(s) already in {out}: {', '.join(carried)}"
+    return "no tokenizer or processor files beside the source model: none carried"
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from moeify.convert import moeify
     from moeify.hub.save import save_pretrained
@@ -202,6 +216,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     save_pretrained(model, out, max_shard_size=args.max_shard_size)
     print(f"saved in {time.perf_counter() - step:.1f}s; load it with moeify.from_pretrained({str(out)!r})")
+    print(_companions_line(model, out))
     return 0
 
 
@@ -218,6 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"exported in {time.perf_counter() - step:.1f}s; it loads with transformers.AutoModelForCausalLM.from_pretrained"
     )
+    print(_companions_line(model, Path(args.out)))
     return 0
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from moeify.layers.routers import router_kinds
 
-CONFIG_VERSION = 1
+# 2: aux_loss_in_output (version-1 configs read as True, the default).
+CONFIG_VERSION = 2
 MAX_SEED = 2**43
 
 ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_router` adds more
@@ -84,6 +85,9 @@ class MoeifyConfig:
         z_loss_weight: ST-MoE router z-loss weight.
         entropy_loss_weight: weight of the per-token routing entropy bonus (positive spreads
             tokens; the loss term is -weight * mean normalised entropy).
+        aux_loss_in_output: in training mode, add the router losses to the `loss` a model's
+            forward returns (and put them in `output.aux_loss`), so a plain `Trainer` trains
+            the routers; False: add `moeify.aux_loss(model)` to the loss yourself.
         target_modules: which FFNs to convert (regex string, or list of names/suffixes). A
             pattern that matches no FFN moeify found names modules to convert anyway, by deep
             copy (the generic path; modules without a projection are refused).
@@ -110,6 +114,7 @@ class MoeifyConfig:
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     entropy_loss_weight: float = 0.0
+    aux_loss_in_output: bool = True
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -160,7 +165,8 @@ class MoeifyConfig:
                 _is_finite(value) and value >= 0,
                 f"{name} must be a finite number >= 0, got {value!r}",
             )
-        _check(isinstance(self.verify, bool), f"verify must be True or False, got {self.verify!r}")
+        for name in ("verify", "aux_loss_in_output"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "target_modules", _as_pattern_list("target_modules", self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_pattern_list("exclude_modules", self.exclude_modules))
         if self.layers is not None:

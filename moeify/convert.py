@@ -4,15 +4,16 @@ mutates a model; a failed conversion leaves it exactly as it was."""
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moeify.config import MoeifyConfig, recipe
-from moeify.layers.moe import MoeLayer
+from moeify.layers.moe import MoeLayer, require_graph, total_aux_loss
 from moeify.layers.routers import ConditioningContext
-from moeify.surgery import apply, verify
+from moeify.surgery import apply, hooks, verify
 from moeify.surgery.find import FFNSite
 from moeify.surgery.plan import ConversionError, ConversionPlan, plan_conversion
 
@@ -103,7 +104,8 @@ def moeify(
         raise
     swaps = [swap for site, layer in zip(plan.sites, layers) for swap in apply.install(model, site, layer)]
     if plan.conditioning is not None:
-        apply.attach_conditioning(model, layers, plan.conditioning.arg)
+        hooks.attach_conditioning(model, layers, plan.conditioning.arg)
+    hooks.attach_token_mask(model, layers)
     if dense_outputs is not None:
         try:
             try:
@@ -122,6 +124,7 @@ def moeify(
             raise
     for index, layer in enumerate(layers):
         apply.init_shared_for_training(layer, config, index)
+    hooks.attach_output_loss(model, config.aux_loss_in_output)
     state = getattr(model, "moeify_state", None) or MoeifyState()
     state.conversions.append(config)
     state.captured.update(plan.report.captured)
@@ -168,31 +171,50 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """The weighted sum of every MoE layer's router losses (balance, z-loss, entropy) from the
-    last forward, ready to add to the task loss: `loss = task_loss + moeify.aux_loss(model)`."""
+    """The router losses (balance, z-loss, entropy; weighted) of every MoE layer, ready to add to
+    the task loss: `loss = task_loss + moeify.aux_loss(model)`.
+
+    What it covers: each layer collects the losses of every forward since they were last taken,
+    and this returns, summed over layers, each layer's mean over those forwards — two forwards
+    before one backward (classifier-free guidance, DPO's chosen and rejected, distillation) both
+    count. Taking them ends the collection: the next forward starts a new one (calling this again
+    before it returns the same value). A forward in another mode (autograd on/off, train/eval)
+    also starts a new one, so an evaluation pass between training steps does not leak in. With
+    gradient accumulation, take it after each micro-batch's forward, as its task loss.
+
+    A transformers model whose forward returns a `loss` already has these added to it in training
+    mode (`MoeifyConfig.aux_loss_in_output`); add this only to losses computed outside the model.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"aux_loss reads a model converted by moeify (an nn.Module), got {type(model).__name__}")
-    layers = moe_layers(model)
+    layers = [layer for _, layer in moe_layers(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
-    terms = [layer.aux_loss() for _, layer in layers]
-    present = [t for t in terms if t is not None]
-    if not present:
-        raise ValueError("aux_loss(model) reads the router losses of the last forward: run a forward first")
-    total = present[0]
-    for term in present[1:]:
-        total = total + term.to(total.device)
-    if torch.is_grad_enabled() and total.grad_fn is None and any(p.requires_grad for _, m in layers for p in m.router.parameters()):
-        # The forward ran without autograd although the routers are trainable: reentrant
-        # checkpointing runs the first forward under no_grad, so the losses recorded there
-        # carry no graph and the routers would silently never train.
-        raise RuntimeError(
-            "aux_loss(model) has no gradient: the last forward ran under torch.no_grad (e.g. gradient "
-            "checkpointing with use_reentrant=True). Use non-reentrant checkpointing: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
-            "or call aux_loss under torch.no_grad() if you only log it."
+    counted_twice = torch.is_grad_enabled() and any(layer.loss_taken_by_output for layer in layers)
+    total = total_aux_loss(layers)
+    if total is None:
+        raise ValueError("aux_loss(model) reads the router losses of the forwards since it was last taken: run a forward first")
+    if counted_twice and model.training:
+        warnings.warn(
+            "moeify.aux_loss(model): the model's output.loss already includes these router losses "
+            "(MoeifyConfig.aux_loss_in_output=True); adding them again counts them twice. Use output.loss as is, "
+            "or convert with aux_loss_in_output=False",
+            stacklevel=2,
         )
+    require_graph(layers, total)
     return total
 
 
-__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts"]
+def token_mask(model: nn.Module, keep: Tensor | None) -> None:
+    """Say which tokens are real for models whose forward takes no `attention_mask` (transformers
+    text models are covered without this: their mask is captured from the forward). `keep` is
+    shaped like the tokens' leading dims ([batch, tokens]; bool, 0/1 or an additive bias); padding
+    still gets an output, but is left out of `tokens_per_expert`, the router losses and every
+    monitor. It applies to every following forward, until replaced; None goes back to the
+    captured mask. Layers whose tokens are laid out differently count every token."""
+    if not isinstance(model, nn.Module) or not moe_layers(model):
+        raise ValueError(f"token_mask needs a model converted by moeify, got {type(model).__name__}")
+    hooks.attach_token_mask(model, [layer for _, layer in moe_layers(model)]).set(keep)
+
+
+__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts", "token_mask"]

@@ -47,7 +47,7 @@ def convert_and_train(model: nn.Module, steps: int = 2, **overrides) -> nn.Modul
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = tokens()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss + moeify.aux_loss(model)
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -14,7 +14,7 @@ from core_helpers import monitored_llama
 from host_reads import HostReads
 from torch import nn
 
-from moeify import aux_loss, moe_layers
+from moeify import moe_layers
 from moeify.layers.experts import ModuleExperts
 from moeify.monitors import (
     DeadExperts,
@@ -287,7 +287,7 @@ def tiny_model(**overrides):
 def train(model, optimizer, steps, generator):
     for _ in range(steps):
         ids = torch.randint(3, 100, (4, 16), generator=generator)
-        (model(input_ids=ids, labels=ids).loss + aux_loss(model)).backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -427,7 +427,7 @@ def test_homogenization_measures_drift_from_the_clones_at_attach_time():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     runner.attach_optimizer(optimizer)
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    (model(ids, labels=ids).loss + aux_loss(model)).backward()
+    model(ids, labels=ids).loss.backward()
     optimizer.step()
     first = runner.history[0]["monitors"]["expert_homogenization"]
     # The reference is the clones as converted, so the first step's move is already measured.

@@ -176,7 +176,7 @@ def test_one_step_moves_routers_and_adapters_not_the_base(recipe: str) -> None:
         layer.reset_stats()
     model.train()
     ids = tokens(batch=4, seq=8)
-    loss = model(input_ids=ids, labels=ids).loss + moeify.aux_loss(model)  # aux_loss through the wrapper
+    loss = model(input_ids=ids, labels=ids).loss  # router losses added through the wrapper
     loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
@@ -220,7 +220,7 @@ def test_adapter_round_trip_over_moeify_from_pretrained(tmp_path, recipe: str) -
     peft_model = get_peft_model(model, moeify.lora_config(model, recipe, r=R, lora_alpha=4))
     peft_model.train()
     ids = tokens(batch=4)
-    (peft_model(input_ids=ids, labels=ids).loss + moeify.aux_loss(peft_model)).backward()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
     torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2).step()
     peft_model.eval()
     trained = logits(peft_model, ids)
@@ -286,7 +286,7 @@ def test_monitors_see_the_adapted_experts() -> None:
     spreads = []
     for step in range(3):
         ids = tokens(seed=step)
-        (peft_model(input_ids=ids, labels=ids).loss + moeify.aux_loss(peft_model)).backward()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
         record = runner.step()  # before the update: the first read sees the clones
         optimizer.step()
         optimizer.zero_grad()

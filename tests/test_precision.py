@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moeify as moeify_pkg
-from moeify import aux_loss, check_bf16, guard_bf16, moe_layers, moeify
+from moeify import check_bf16, guard_bf16, moe_layers, moeify
 from moeify.monitors import LostUpdates, attach_monitors, monitor_names
 from moeify.monitors.base import DEFAULT_MONITORS, build_monitor
 from moeify.precision import (
@@ -383,7 +383,7 @@ def test_lost_updates_monitor_reports_and_warns():
     runner.attach_optimizer(optimizer)
     ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
     for _ in range(3):
-        (model(input_ids=ids, labels=ids).loss + aux_loss(model)).backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     metrics = runner.history[-1]["monitors"]["lost_updates"]
@@ -434,7 +434,7 @@ def test_bf16_trap_keeps_experts_clones_unless_guarded(method):
     counter = LostUpdateCounter(optimizer, model=model, sample_size=512)
     ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(20):
-        loss = model(input_ids=ids, labels=ids).loss + aux_loss(model)
+        loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

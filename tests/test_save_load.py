@@ -426,7 +426,11 @@ def test_not_a_moeify_directory_and_bad_paths(tmp_path: Path) -> None:
         moeify.save_pretrained(converted, tmp_path / "dense")
 
 
-def test_repo_id_downloads_json_and_safetensors_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repo_id_downloads_json_safetensors_and_tokenizer_files_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fnmatch
+
     import huggingface_hub
 
     model = moeify.moeify(BY_NAME["llama"].build(), **RECIPE)
@@ -440,9 +444,15 @@ def test_repo_id_downloads_json_and_safetensors_only(tmp_path: Path, monkeypatch
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     loaded = moeify.from_pretrained("someone/tiny-llama-moe", revision="main")
     assert_same_state(model, loaded)
-    assert calls == [
-        ("someone/tiny-llama-moe", {"revision": "main", "token": None, "allow_patterns": ["*.json", "*.safetensors"]})
-    ]
+    assert len(calls) == 1 and calls[0][0] == "someone/tiny-llama-moe"
+    options = calls[0][1]
+    assert (options["revision"], options["token"]) == ("main", None)
+    patterns = options["allow_patterns"]
+    assert patterns[:2] == ["*.json", "*.safetensors"]
+    assert {"tokenizer.model", "vocab.txt", "merges.txt", "chat_template.jinja", "*.tiktoken"} <= set(patterns)
+    # Never a pickle (or code) file: those can run code when loaded.
+    for name in ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "x.pkl", "tokenization_x.py"]:
+        assert not any(fnmatch.fnmatch(name, p) for p in patterns), name
 
 
 def test_plain_loaders_fail_loudly(tmp_path: Path) -> None:

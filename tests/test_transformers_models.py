@@ -50,6 +50,17 @@ def task_loss(tiny: TinyModel, model: nn.Module, inputs: dict[str, Tensor]) -> T
     return (out - target).pow(2).mean()
 
 
+def training_loss(tiny: TinyModel, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(task + router losses, router losses): a causal LM's output.loss has them added in training
+    mode (aux_loss_in_output); for the others the loop adds moeify.aux_loss(model)."""
+    if tiny.causal_lm:
+        out = model(**inputs, labels=inputs["input_ids"])
+        return out.loss, out.aux_loss
+    loss = task_loss(tiny, model, inputs)
+    aux = aux_loss(model)
+    return loss + aux, aux
+
+
 def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every router and shared-expert parameter: what the task loss and aux_loss must move."""
     params = {}
@@ -155,11 +166,10 @@ def test_one_step_moves_every_router_and_shared_expert(tiny: TinyModel) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
 
     torch.manual_seed(0)
-    loss = task_loss(tiny, model, tiny.inputs(model))
-    aux = aux_loss(model)
+    loss, aux = training_loss(tiny, model, tiny.inputs(model))
     assert aux.grad_fn is not None
     assert torch.isfinite(aux) and float(aux.detach()) > 0
-    (loss + aux).backward()
+    loss.backward()
     optimizer.step()
 
     assert len(params) >= 3 * tiny.num_sites  # per layer: the router gate, shared w_in and w_out (+ biases)
@@ -199,10 +209,9 @@ def test_gradient_checkpointing_gives_the_same_router_gradients(tiny: TinyModel)
             assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
         model.train()
         torch.manual_seed(0)  # the same dropout masks in both runs
-        loss = task_loss(tiny, model, tiny.inputs(model))
-        aux = aux_loss(model)
+        loss, aux = training_loss(tiny, model, tiny.inputs(model))
         assert aux.grad_fn is not None
-        (loss + aux).backward()
+        loss.backward()
         # The recompute inside backward neither counts tokens again nor replaces the losses.
         for _, layer in moe_layers(model):
             assert int(layer.tokens_per_expert.sum()) == TOKENS * layer.top_k
@@ -222,7 +231,11 @@ def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
     model = moeify(tiny.build())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
-    task_loss(tiny, model, tiny.inputs(model))
+    inputs = tiny.inputs(model)
+    with pytest.raises(RuntimeError, match="use_reentrant"):  # the output's loss would include them
+        model(**inputs, labels=inputs["input_ids"])
+    model._moeify_output_loss.enabled = False  # as with aux_loss_in_output=False: the loop adds them
+    model(**inputs, labels=inputs["input_ids"])
     with pytest.raises(RuntimeError, match="use_reentrant"):
         aux_loss(model)
     with torch.no_grad():  # logging the value stays possible

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from moeify.atomic import as_directory, staged_directory
 from moeify.convert import moe_layers
+from moeify.hub.companions import Saveable, check_savers, write_companions
 from moeify.hub.export_formats import (
     BASES,
     FORMATS,
@@ -210,15 +211,14 @@ def _max_logit_diff(model: nn.Module, directory: Path) -> tuple[float, float]:
     device = next(model.parameters()).device
     native = AutoModelForCausalLM.from_pretrained(directory).to(device).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    saved = [(layer, layer.tokens_per_expert.clone(), layer.last_losses) for _, layer in moe_layers(model)]
+    saved = [(layer, layer.loss_state()) for _, layer in moe_layers(model)]
     training = model.training
     try:
         expected = model.eval()(input_ids=ids).logits.float()
     finally:
         model.train(training)
-        for layer, counts, losses in saved:
-            layer.tokens_per_expert.copy_(counts)
-            layer.last_losses = losses
+        for layer, state in saved:
+            layer.restore_loss_state(state)
     actual = native(input_ids=ids).logits.float()
     return (actual - expected).abs().max().item(), expected.abs().max().item()
 
@@ -236,12 +236,18 @@ def export(
     verify: bool = True,
     tolerance: float = 1e-5,
     overwrite: bool = False,
+    tokenizer: Saveable | None = None,
+    processor: Saveable | None = None,
 ) -> Path:
     """Write `model` (a moeify-converted Llama / Mistral / Qwen2 / Qwen3 causal LM with linear
     routers) as a native transformers `format` checkpoint: "mixtral", "qwen2_moe" or "qwen3_moe".
 
     The directory gets the target class's own `save_pretrained` output (config.json,
-    model.safetensors, generation_config.json). With `verify`, the written checkpoint is reloaded
+    model.safetensors, generation_config.json) and the tokenizer / chat template / processor
+    files (moeify.hub.companions): `tokenizer` / `processor` (anything with `save_pretrained`)
+    saved into it, else the files found beside the model's source (the dense checkpoint, or the
+    moeify checkpoint it was loaded from), so `transformers.pipeline("text-generation",
+    model=directory)` works as is. With `verify`, the written checkpoint is reloaded
     with plain transformers and its logits must match the moeify model's within `tolerance` times
     the logit scale (float32 models), else nothing is written. Raises `ExportError` (a ValueError)
     naming what cannot be represented; no directory is left behind on failure. Returns the path.
@@ -251,6 +257,7 @@ def export(
         raise ExportError(
             f"moeify.export: verify must be True/False and tolerance a positive number, got {verify!r}, {tolerance!r}"
         )
+    check_savers("moeify.export", tokenizer=tokenizer, processor=processor)
     _prepare_directory(directory, overwrite)
     target = _build_native(model, format)
 
@@ -267,6 +274,7 @@ def export(
     # kill at any point leaves what was there. The export replaces the whole directory.
     with staged_directory(directory, owned=lambda name: True, check=check) as staging:
         target.save_pretrained(staging)
+        write_companions(model, staging, tokenizer=tokenizer, processor=processor)
     return directory
 
 

@@ -30,13 +30,14 @@ from moeify.hub.checks import (
     verify_checksums,
     weight_files,
 )
+from moeify.hub.companions import download_patterns, remember_source
 from moeify.hub.save import GENERATION_CONFIG, MOEIFY_CONFIG
 from moeify.surgery import ConversionError
 
 
 def resolve(directory_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: Any = None) -> Path:
     """A local directory as is; anything else is taken as a Hub repo id and its JSON and
-    safetensors files (nothing else) are downloaded."""
+    safetensors files and its tokenizer / processor files (nothing else) are downloaded."""
     path = as_directory(directory_or_repo_id, "moeify.from_pretrained")
     recover(path)  # a save killed between its two renames leaves the old checkpoint beside the path
     if path.exists():
@@ -53,8 +54,9 @@ def resolve(directory_or_repo_id: str | os.PathLike, *, revision: str | None = N
         validate_repo_id(repo_id)
     except HFValidationError:
         raise CheckpointError(f"{repo_id}: no such directory (and not a Hub repo id)") from None
+    patterns = ["*.json", "*.safetensors", *(p for p in download_patterns() if not p.endswith(".json"))]
     try:
-        local = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors"])
+        local = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)
     except Exception as error:
         raise CheckpointError(
             f"{repo_id} is not a local directory, and downloading it from the Hub failed: {type(error).__name__}: {error}"
@@ -251,6 +253,7 @@ def from_pretrained(
     recipes are re-applied and the weights loaded strictly (`CheckpointError`, a ValueError,
     names any missing or unexpected key). Returns the model in eval mode, its outputs
     bit-identical to the saved model's; weights keep their saved dtypes, on `device` (CPU by default).
+    The checkpoint's tokenizer / processor files travel with the model's later saves and exports.
     """
     if device is not None:
         try:
@@ -270,6 +273,7 @@ def from_pretrained(
     _check_materialised(model)
     if device is not None:
         model.to(device)  # the non-persistent buffers; the weights are there already
+    remember_source(model, directory)  # its tokenizer / processor files travel with later saves
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from moeify.atomic import write_text
 from moeify.hub.card import DIAGNOSTICS, as_run, model_card
+from moeify.hub.companions import Saveable, check_savers
 from moeify.hub.save import save_pretrained
 
 README = "README.md"
@@ -93,12 +94,15 @@ def stage_folder(
     monitors: Any = None,
     base_model: str | None = None,
     repo_id: str | None = None,
+    tokenizer: Saveable | None = None,
+    processor: Saveable | None = None,
 ) -> list[str]:
-    """Write what `push_to_hub` uploads into `directory`: the checkpoint, README.md and (with
-    `monitors`: a MonitorRunner, a run directory or a read_run dict) diagnostics/. Returns the
-    files written, relative to `directory`, in upload order (README.md last)."""
+    """Write what `push_to_hub` uploads into `directory`: the checkpoint (with its tokenizer /
+    processor files), README.md and (with `monitors`: a MonitorRunner, a run directory or a
+    read_run dict) diagnostics/. Returns the files written, relative to `directory`, in upload
+    order (README.md last)."""
     directory = Path(directory)
-    save_pretrained(model, directory)
+    save_pretrained(model, directory, tokenizer=tokenizer, processor=processor)
     run, plots = None, None
     if monitors is not None:
         run = write_run(monitors, directory / DIAGNOSTICS)
@@ -148,11 +152,15 @@ def push_to_hub(
     commit_message: str | None = None,
     endpoint: str | None = None,
     base_model: str | None = None,
+    tokenizer: Saveable | None = None,
+    processor: Saveable | None = None,
 ):  # -> huggingface_hub.CommitInfo
     """Upload a moeify-converted model to the Hub in one commit; returns the `CommitInfo` (a
     str: the commit URL; `.oid` is the commit hash).
 
-    The commit holds the `save_pretrained` files, README.md (`moeify.model_card`) and, when
+    The commit holds the `save_pretrained` files (with the tokenizer / chat template / processor
+    files: `tokenizer` / `processor` if given, else those found beside the model's source, as
+    `moeify.save_pretrained` does), README.md (`moeify.model_card`) and, when
     `monitors` is given (a `MonitorRunner`, a `JsonlSink` run directory or a `read_run` dict),
     diagnostics/ with history.jsonl, events.jsonl, summary.json and the routing plots the card
     shows. `token`: a write token (default: the saved login / HF_TOKEN); `endpoint`: another Hub
@@ -166,9 +174,12 @@ def push_to_hub(
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise ValueError(f"moeify.push_to_hub: {repo_id!r} is not a Hub repo id (like 'user/name'): {error}") from None
+    check_savers("moeify.push_to_hub", tokenizer=tokenizer, processor=processor)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="moeify-push-") as tmp:
-        files = stage_folder(model, tmp, monitors=monitors, base_model=base_model, repo_id=repo_id)
+        files = stage_folder(
+            model, tmp, monitors=monitors, base_model=base_model, repo_id=repo_id, tokenizer=tokenizer, processor=processor
+        )
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
         except Exception as error:

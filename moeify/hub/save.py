@@ -12,6 +12,8 @@ strictly. What a moeify directory holds:
   moeify_model.safetensors  the weights, safetensors only; above `max_shard_size`:
                             moeify_model-0000i-of-0000n.safetensors + moeify_model.safetensors.index.json
   config.json               a guard for plain loaders (see `GUARD_NAME`)
+  tokenizer.json, ...       the tokenizer / chat template / processor files (moeify.hub.companions),
+                            outside the checksums: they may be replaced without touching the model
 
 Plain `AutoModel.from_pretrained(directory)` must not build a dense model with random FFNs from
 these files (NOTES.md, "transformers v5"). The weights are not named `model.safetensors` /
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify.atomic import as_directory, staged_directory
+from moeify.hub.companions import Saveable, check_savers, is_companion, write_companions
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
 # checkpoint without them is still written as format 1, which older moeify versions read.
@@ -251,16 +254,29 @@ def _shard_size(max_shard_size: int | str) -> int:
     return size
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    tokenizer: Saveable | None = None,
+    processor: Saveable | None = None,
+) -> Path:
     """Save a moeify-converted model to `directory` (created if needed); returns its path.
 
     Writes the conversion recipes (`moeify_config.json`), the base model's own config for
     transformers / diffusers models, and the weights as safetensors, sharded with an index above
     `max_shard_size` (bytes, or a string such as "5GB"). Reload with `moeify.from_pretrained`.
 
+    The tokenizer, chat template and processor files travel with it (moeify.hub.companions), so
+    `AutoTokenizer.from_pretrained(directory)` works: `tokenizer` / `processor` (anything with
+    `save_pretrained`: a tokenizer, processor, feature extractor or image processor) are saved
+    into it; without them, the files found beside the model's source checkpoint are copied.
+
     Crash-safe (moeify.atomic): every argument is checked first, the checkpoint is written
     beside `directory` and swapped in whole, so a save that fails or is killed leaves the
-    checkpoint that was there loadable. Other files in `directory` (a model card) are kept.
+    checkpoint that was there loadable. Other files in `directory` (a model card) are kept, and
+    its tokenizer / processor files too unless this save brings its own.
     """
     from huggingface_hub import save_torch_state_dict
 
@@ -274,6 +290,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
             "converted (no model.moeify_state): call moeify(model, ...) first, or save it with its own library"
         )
     _check_no_peft(model)
+    check_savers("moeify.save_pretrained", tokenizer=tokenizer, processor=processor)
     directory = as_directory(directory, "moeify.save_pretrained")
     _check_directory(directory)
     shard_size = _shard_size(max_shard_size)
@@ -281,7 +298,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
     version = FORMAT_VERSION if captured else 1
     tensors, tied = split_shared(model.state_dict())
     library = library_of(model)
-    with staged_directory(directory, owned=_owned) as staging:
+    companions: list[str] = []
+
+    def owned(name: str) -> bool:
+        # A save that brings companion files replaces the old set whole (no stale tokenizer.model
+        # beside a new tokenizer.json); one that brings none keeps what the user put there.
+        return _owned(name) or (bool(companions) and is_companion(name))
+
+    with staged_directory(directory, owned=owned) as staging:
         guard = {"model_type": GUARD_NAME, "_class_name": GUARD_NAME, "moeify": {"format_version": version}}
         (staging / GUARD_CONFIG).write_text(json.dumps(guard, indent=2) + "\n")
         _write_base_configs(model, staging, library)
@@ -312,6 +336,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
         }
         record["record_checksum"] = record_checksum(record)
         (staging / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+        companions += write_companions(model, staging, tokenizer=tokenizer, processor=processor)
     return directory
 
 

@@ -1,5 +1,9 @@
 """Router losses, computed in fp32 inside each MoE layer and collected by `moeify.aux_loss`.
 
+Every loss is a mean over the tokens that count: all of them, or those a padding mask keeps
+(`keep_T`, moeify.layers.tokens). Means divide by max(count, 1), so a layer that receives no token
+(or only padding) gives 0 — a finite loss still attached to the router's graph — never 0/0 = NaN.
+
 Shape legend: T tokens, E experts, K top-k.
 """
 
@@ -11,17 +15,44 @@ import torch
 from torch import Tensor
 
 
-def balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int) -> Tensor:
-    """Switch/GShard load balancing: E * sum_e f_e * P_e, where f_e is the share of the T*K
-    assignments that went to expert e and P_e its mean router probability. Equals 1 when balanced."""
-    num_tokens, num_experts = probs_TE.shape
-    share_E = tokens_per_expert_E.float() / max(num_tokens * top_k, 1)
-    return num_experts * (share_E * probs_TE.mean(0)).sum()
+def token_count(num_tokens: int, keep_T: Tensor | None) -> Tensor | int:
+    """How many tokens count, at least 1 (the denominator of every mean). A tensor under a mask:
+    reading the count back to the host would wait for the device."""
+    if keep_T is None:
+        return max(num_tokens, 1)
+    return keep_T.sum().clamp_min(1)
 
 
-def z_loss(logits_TE: Tensor) -> Tensor:
+def token_sum(values_T: Tensor, keep_T: Tensor | None) -> Tensor:
+    """Sum over the tokens that count, along dim 0 (values_T is [T] or [T, ...])."""
+    if keep_T is None:
+        return values_T.sum(0)
+    keep = keep_T.to(values_T.dtype)
+    return (values_T * keep.reshape(-1, *([1] * (values_T.dim() - 1)))).sum(0)
+
+
+def kept_tokens_per_expert(expert_idx_TK: Tensor, keep_T: Tensor, num_experts: int) -> Tensor:
+    """Top-k assignments per expert, of the kept tokens only: int64 [E], without a host read
+    (`expert_idx_TK[keep_T]` would read the mask's size back)."""
+    weights_TK = keep_T.to(torch.int64).unsqueeze(-1).expand_as(expert_idx_TK)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx_TK.device)
+    return counts_E.scatter_add_(0, expert_idx_TK.reshape(-1), weights_TK.reshape(-1))
+
+
+def balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int, keep_T: Tensor | None = None) -> Tensor:
+    """Switch/GShard load balancing: E * sum_e f_e * P_e, where f_e is the share of the counted
+    tokens' K assignments that went to expert e and P_e its mean router probability over them.
+    Equals 1 when balanced. `tokens_per_expert_E` counts the same tokens `keep_T` keeps."""
+    num_experts = probs_TE.shape[1]
+    count = token_count(probs_TE.shape[0], keep_T)
+    share_E = tokens_per_expert_E.float() / (count * top_k)
+    return num_experts * (share_E * (token_sum(probs_TE, keep_T) / count)).sum()
+
+
+def z_loss(logits_TE: Tensor, keep_T: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss: mean squared log-partition; keeps logits small so fp32 routing stays stable."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    lse_T = torch.logsumexp(logits_TE, dim=-1)
+    return token_sum(lse_T.square(), keep_T) / token_count(lse_T.shape[0], keep_T)
 
 
 def entropy(probs_TE: Tensor) -> Tensor:
@@ -29,9 +60,10 @@ def entropy(probs_TE: Tensor) -> Tensor:
     return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
 
 
-def entropy_bonus(entropy_T: Tensor, num_experts: int) -> Tensor:
+def entropy_bonus(entropy_T: Tensor, num_experts: int, keep_T: Tensor | None = None) -> Tensor:
     """Minus the mean per-token routing entropy, normalised by log E (in [-1, 0]): minimising it
     spreads each token's probability over experts, against collapse onto one."""
     if num_experts == 1:
-        return entropy_T.new_zeros(())
-    return -entropy_T.mean() / math.log(num_experts)
+        return entropy_T.sum() * 0.0  # 0, still on the router's graph
+    mean = token_sum(entropy_T, keep_T) / token_count(entropy_T.shape[0], keep_T)
+    return -mean / math.log(num_experts)

@@ -8,14 +8,28 @@ Shape legend: T tokens, D model dim, E experts, K top-k.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from moeify.layers import losses, stats
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.routers.base import Router
+from moeify.layers.tokens import ENCODER, TokenMask
 
 Experts = PackedExperts | ModuleExperts
+
+# Forwards with autograd whose router losses were never taken: past this many the oldest are
+# dropped (their graphs hold activations), with a warning, since a loop that never takes them leaks.
+MAX_COLLECTED = 16
+_warned_uncollected = False
+
+
+def _recomputing() -> bool:
+    """Whether this forward is gradient checkpointing's re-run inside backward. Under
+    torch.compile the re-run happens inside the compiled backward and never reaches Python."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class MoeLayer(nn.Module):
@@ -54,7 +68,12 @@ class MoeLayer(nn.Module):
         self.collect_stats = False
         self.register_buffer("stat_sums", torch.zeros(len(stats.STATS), device=device), persistent=False)
         self.register_buffer("stat_prob_sum", torch.zeros(self.num_experts, device=device), persistent=False)
+        # The model's padding masks (moeify.layers.tokens), shared by its layers; which one is ours.
+        self.token_mask: TokenMask | None = None
+        self.mask_source = ENCODER
+        # The latest forward's router losses, unweighted and detached (for logging).
         self.last_losses: dict[str, Tensor] = {}
+        self.clear_losses()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # The statistics stay fp32 across `.to(torch.bfloat16)` / `.half()`, as the routers do
@@ -91,23 +110,99 @@ class MoeLayer(nn.Module):
         routed_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
         shared_TD = self.shared_experts(x_TD).to(routed_TD.dtype) if self.shared_experts is not None else None
         y_TD = routed_TD if shared_TD is None else routed_TD + shared_TD
+        keep_T = self._keep_T(batch_shape, x_TD.device)
+        if keep_T is not None:  # the experts counted every token; the statistics count real ones
+            tokens_per_expert_E = losses.kept_tokens_per_expert(expert_idx_TK, keep_T, self.num_experts)
         entropy_T = losses.entropy(probs_TE)
         layer_losses = {
-            "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k),
-            "z_loss": losses.z_loss(logits_TE),
-            "entropy": losses.entropy_bonus(entropy_T, self.num_experts),
+            "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k, keep_T),
+            "z_loss": losses.z_loss(logits_TE, keep_T),
+            "entropy": losses.entropy_bonus(entropy_T, self.num_experts, keep_T),
         }
         # Gradient checkpointing re-runs this forward inside backward. The recompute must save the
         # same tensors (so the losses are computed), but must neither count its tokens again nor
-        # replace the losses the current backward is using.
-        if torch._C._current_graph_task_id() == -1:
+        # add to the losses the current backward is using.
+        if not _recomputing():
             self.tokens_per_expert.add_(tokens_per_expert_E)
-            self.last_losses = layer_losses
+            self._collect(layer_losses)
+            if probs_TE.requires_grad and not torch.compiler.is_compiling():
+                # Backward through this forward (with or without the router losses) ends the
+                # collection: a later forward must not add to losses whose graph is freed.
+                probs_TE.register_hook(self._backward_reached)
             if self.collect_stats:
                 stats.accumulate(
-                    self.stat_sums, self.stat_prob_sum, probs_TE, entropy_T, top_probs_TK1, self.top_k, routed_TD, shared_TD
+                    self.stat_sums,
+                    self.stat_prob_sum,
+                    probs_TE,
+                    entropy_T,
+                    top_probs_TK1,
+                    self.top_k,
+                    routed_TD,
+                    shared_TD,
+                    keep_T,
                 )
         return y_TD.reshape(*batch_shape, y_TD.shape[-1])
+
+    def _keep_T(self, batch_shape: torch.Size, device: torch.device) -> Tensor | None:
+        if self.token_mask is None:
+            return None
+        keep_T = self.token_mask.keep_T(self.mask_source, batch_shape)
+        return None if keep_T is None else keep_T.to(device)
+
+    def _collect(self, layer_losses: dict[str, Tensor]) -> None:
+        """Add this forward's weighted router losses to those collected since `aux_loss` last took
+        them. A forward after a take, or in another mode (autograd on/off, train/eval: an evaluation
+        pass between two training steps), starts a new collection."""
+        global _warned_uncollected
+        weighted = sum(self.loss_weights[name] * value for name, value in layer_losses.items())
+        self.last_losses = {name: value.detach() for name, value in layer_losses.items()}
+        mode = (torch.is_grad_enabled(), self.training)
+        overflow = mode[0] and self._loss_count >= MAX_COLLECTED and not self._loss_taken
+        if self._loss_taken or self._loss_consumed or mode != self._loss_mode or overflow:
+            if overflow and not _warned_uncollected:
+                _warned_uncollected = True
+                warnings.warn(
+                    f"moeify: {MAX_COLLECTED} forwards with autograd ran and nobody took their router losses; the "
+                    "older ones are dropped (their graphs were keeping activations alive). Add "
+                    "moeify.aux_loss(model) to the loss each step, or run forwards that need none under "
+                    "torch.no_grad()",
+                    stacklevel=3,
+                )
+            self._loss_sum, self._loss_count, self.loss_taken_by_output = None, 0, False
+        self._loss_taken, self._loss_consumed, self._loss_mode = False, False, mode
+        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+        self._loss_count += 1
+
+    def _backward_reached(self, grad: Tensor) -> None:
+        self._loss_consumed = True
+
+    def clear_losses(self) -> None:
+        """Forget the collected router losses (a check's forwards are not training's)."""
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._loss_taken = False
+        self._loss_consumed = False  # a backward went through the collected forwards
+        self._loss_mode: tuple[bool, bool] | None = None
+        self.loss_taken_by_output = False
+
+    def loss_state(self) -> dict:
+        """The collected losses and counts, to put back with `restore_loss_state` after forwards
+        that must not count (export's logit check)."""
+        fields = ("_loss_sum", "_loss_count", "_loss_taken", "_loss_consumed", "_loss_mode", "loss_taken_by_output", "last_losses")
+        return {"tokens_per_expert": self.tokens_per_expert.clone()} | {name: getattr(self, name) for name in fields}
+
+    def restore_loss_state(self, state: dict) -> None:
+        self.tokens_per_expert.copy_(state["tokens_per_expert"])
+        for name, value in state.items():
+            if name != "tokens_per_expert":
+                setattr(self, name, value)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy (EMA models, AveragedModel) and pickle at any point of a step: the
+        # collected losses carry the forward's graph, which cannot be copied (and should not be).
+        state = super().__getstate__()
+        state.update(_loss_sum=None, _loss_count=0, _loss_taken=False, _loss_consumed=False, _loss_mode=None)
+        return state
 
     def reset_stats(self) -> None:
         """Zero the accumulated routing statistics (the monitor runner does this after each read)."""
@@ -116,7 +211,37 @@ class MoeLayer(nn.Module):
         self.stat_prob_sum.zero_()
 
     def aux_loss(self) -> Tensor | None:
-        """The weighted sum of this layer's router losses from its last forward (None before any)."""
-        if not self.last_losses:
+        """The weighted sum of this layer's router losses, averaged over the forwards collected
+        since they were last taken (None before any), and marks them taken: the next forward starts
+        a new collection, while calling this again before it returns the same value."""
+        if self._loss_sum is None:
             return None
-        return sum(self.loss_weights[name] * value for name, value in self.last_losses.items())
+        self._loss_taken = True
+        return self._loss_sum / self._loss_count
+
+
+def total_aux_loss(layers: list[MoeLayer]) -> Tensor | None:
+    """Every layer's `aux_loss()` summed (on the first one's device), taking them; None when no
+    layer has collected a forward."""
+    present = [term for term in (layer.aux_loss() for layer in layers) if term is not None]
+    if not present:
+        return None
+    total = present[0]
+    for term in present[1:]:
+        total = total + term.to(total.device)
+    return total
+
+
+def require_graph(layers: list[MoeLayer], total: Tensor) -> None:
+    """Refuse router losses without a graph when autograd is on and the routers are trainable:
+    reentrant checkpointing runs the first forward under no_grad, so the losses recorded there
+    carry no graph and the routers would silently never train."""
+    if not torch.is_grad_enabled() or total.grad_fn is not None:
+        return
+    if any(p.requires_grad for layer in layers for p in layer.router.parameters()):
+        raise RuntimeError(
+            "the router losses (moeify.aux_loss) have no gradient: the forward ran under torch.no_grad (e.g. "
+            "gradient checkpointing with use_reentrant=True). Use non-reentrant checkpointing: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+            "or read aux_loss under torch.no_grad() if you only log it."
+        )

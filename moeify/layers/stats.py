@@ -11,12 +11,15 @@ once per optimizer step (one concat, one all-reduce, one copy to the host) and r
   routed_norm     sum over tokens of ||routed output_t||
   shared_norm     sum over tokens of ||shared output_t|| (shared-expert maturity)
 `prob_sum[e]` is sum over tokens of p_te; `tokens_per_expert[e]` counts top-k assignments (int64).
+Under a padding mask (`keep_T`) every sum runs over the kept tokens only.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from moeify.layers.losses import token_sum
 
 STATS = ("tokens", "entropy", "max_prob", "margin", "routed_norm", "shared_norm")
 INDEX = {name: i for i, name in enumerate(STATS)}
@@ -32,23 +35,21 @@ def accumulate(
     top_k: int,
     routed_TD: Tensor,
     shared_TD: Tensor | None,
+    keep_T: Tensor | None = None,
 ) -> None:
     """Add one forward's statistics into the layer's buffers (all on the device)."""
-    margin = (
-        (top_probs_TK1[:, top_k - 1] - top_probs_TK1[:, top_k]).sum()
-        if top_probs_TK1.shape[1] > top_k
-        else probs_TE.new_zeros(())
-    )
-    shared_norm = shared_TD.float().norm(dim=-1).sum() if shared_TD is not None else probs_TE.new_zeros(())
+    zero = probs_TE.new_zeros(())
+    margin_T = top_probs_TK1[:, top_k - 1] - top_probs_TK1[:, top_k] if top_probs_TK1.shape[1] > top_k else None
+    tokens = probs_TE.new_tensor(float(probs_TE.shape[0])) if keep_T is None else keep_T.sum().to(probs_TE.dtype)
     update = torch.stack(
         [
-            probs_TE.new_tensor(float(probs_TE.shape[0])),
-            entropy_T.sum(),
-            top_probs_TK1[:, 0].sum(),
-            margin,
-            routed_TD.float().norm(dim=-1).sum(),
-            shared_norm,
+            tokens,
+            token_sum(entropy_T, keep_T),
+            token_sum(top_probs_TK1[:, 0], keep_T),
+            token_sum(margin_T, keep_T) if margin_T is not None else zero,
+            token_sum(routed_TD.float().norm(dim=-1), keep_T),
+            token_sum(shared_TD.float().norm(dim=-1), keep_T) if shared_TD is not None else zero,
         ]
     )
     sums.add_(update)
-    prob_sum_E.add_(probs_TE.sum(0))
+    prob_sum_E.add_(token_sum(probs_TE, keep_T))

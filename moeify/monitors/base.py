@@ -26,7 +26,7 @@ class LayerStats:
     num_experts: int
     top_k: int
     tokens: float  # tokens routed in the window
-    tokens_per_expert: tuple[float, ...]  # top-k assignments per expert
+    tokens_per_expert: tuple[int, ...]  # top-k assignments per expert (exact: int64 on the device)
     prob_mean: tuple[float, ...]  # mean router probability per expert
     entropy: float  # mean per-token routing entropy / log E, in [0, 1]
     max_prob: float  # mean of the largest routing probability
@@ -49,7 +49,7 @@ class LayerStats:
         name: str,
         depth: int,
         top_k: int,
-        counts: list[float],
+        counts: list[int],
         prob_sum: list[float],
         sums: list[float],
         calls_per_forward: int = 1,

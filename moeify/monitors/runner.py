@@ -30,21 +30,25 @@ class Sink(Protocol):
 
 
 def gather(layers: Sequence[tuple[str, MoeLayer]], *, reset: bool = True) -> list[LayerStats]:
-    """All layers' statistics as host numbers: one concat, one all-reduce, one device→host copy."""
+    """All layers' statistics as host numbers: two concats, two all-reduces, two device→host
+    copies. The counts travel as int64: fp32 holds integers exactly only below 2**24, which
+    a long window on many ranks passes."""
     if not layers:
         return []
-    parts = [torch.cat([m.tokens_per_expert.float(), m.stat_prob_sum, m.stat_sums]) for _, m in layers]
-    flat = torch.cat(parts)
+    counts_flat = torch.cat([m.tokens_per_expert for _, m in layers])
+    sums_flat = torch.cat([torch.cat([m.stat_prob_sum, m.stat_sums]).to(counts_flat.device) for _, m in layers])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    values = flat.cpu().tolist()
-    out, offset = [], 0
+        dist.all_reduce(counts_flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(sums_flat, op=dist.ReduceOp.SUM)
+    all_counts, values = counts_flat.cpu().tolist(), sums_flat.cpu().tolist()
+    out, offset, count_offset = [], 0, 0
     for depth, (name, layer) in enumerate(layers):
         e = layer.num_experts
-        counts = values[offset : offset + e]
-        prob_sum = values[offset + e : offset + 2 * e]
-        sums = values[offset + 2 * e : offset + len(parts[depth])]
-        offset += len(parts[depth])
+        counts = all_counts[count_offset : count_offset + e]
+        count_offset += e
+        size = e + layer.stat_sums.numel()
+        prob_sum, sums = values[offset : offset + e], values[offset + e : offset + size]
+        offset += size
         out.append(LayerStats.from_sums(name, depth, layer.top_k, counts, prob_sum, sums, layer.calls_per_forward))
         if reset:
             layer.reset_stats()

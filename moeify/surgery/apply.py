@@ -21,7 +21,7 @@ from moeify.architectures.layouts import FFNWeights, Piece, get, join, projectio
 from moeify.config import MoeifyConfig
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.moe import MoeLayer
-from moeify.layers.routers import ConditioningContext, CrossAttentionRouter, RouterSpec, build_router
+from moeify.layers.routers import RouterSpec, build_router
 from moeify.layers.wiring import AddResidual, ChannelsFirst, Handoff, SplitEntry, SplitExit
 from moeify.surgery.find import FFNSite
 from moeify.surgery.plan import ConversionPlan
@@ -265,17 +265,3 @@ def install(model: nn.Module, site: FFNSite, layer: MoeLayer) -> list[Swap]:
 def undo(swaps: list[Swap]) -> None:
     for swap in reversed(swaps):
         setattr(swap.parent, swap.attr, swap.old)
-
-
-def attach_conditioning(model: nn.Module, layers: list[MoeLayer], arg: str) -> ConditioningContext:
-    """One context per model, filled by a pre-hook on the root's forward."""
-    context = getattr(model, "_moeify_conditioning", None)
-    if context is None:
-        context = ConditioningContext(arg, type(model).__name__)
-        context.bind(model.forward)
-        model.register_forward_pre_hook(context.capture, with_kwargs=True)
-        model._moeify_conditioning = context
-    for layer in layers:
-        if isinstance(layer.router, CrossAttentionRouter):
-            layer.router.context = context
-    return context

@@ -56,7 +56,7 @@ def check_layer(
     finally:
         if conditioning is not None:
             conditioning[0].value = saved
-        layer.last_losses = {}
+        layer.clear_losses()
         layer.tokens_per_expert.zero_()
     if out.shape != ref.shape:
         raise ConversionError(f"{name}: the MoE layer returns {tuple(out.shape)}, the dense FFN {tuple(ref.shape)}")
@@ -105,14 +105,23 @@ def run_model(model: nn.Module, example_inputs: Any, seed: int = 0) -> list[Tens
     (and the caller's restored): a forward that draws random numbers (ViT-MAE's masking noise)
     draws the same ones for the dense and the converted model."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with eval_mode(model), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        result = call(model, example_inputs)
+    # The router losses a converted model puts on its output are not outputs to compare.
+    output_loss = getattr(model, "_moeify_output_loss", None)
+    enabled = output_loss is not None and output_loss.enabled
+    if enabled:
+        output_loss.enabled = False
+    try:
+        with eval_mode(model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            result = call(model, example_inputs)
+    finally:
+        if enabled:
+            output_loss.enabled = True
     # Routing counts of the check are not training statistics.
     for module in model.modules():
         if isinstance(module, MoeLayer):
             module.tokens_per_expert.zero_()
-            module.last_losses = {}
+            module.clear_losses()
     return _outputs(result)
 
 

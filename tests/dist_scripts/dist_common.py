@@ -94,8 +94,9 @@ def concatenated(kind: str, step: int, world: int = 2) -> torch.Tensor:
 
 def loss_of(kind: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Task loss (a per-token mean) + moeify's router losses."""
-    task = model(x, labels=x).loss if kind == "llama" else model(x).pow(2).mean()
-    return task + moeify.aux_loss(model)
+    if kind == "llama":  # a transformers model with labels: its loss includes the router losses
+        return model(x, labels=x).loss
+    return model(x).pow(2).mean() + moeify.aux_loss(model)
 
 
 def starve(model: nn.Module, rows: slice) -> None:

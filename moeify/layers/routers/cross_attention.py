@@ -20,24 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.layers.routers.base import Router, RouterSpec, register_router
+from moeify.layers.tokens import keep_mask
 
 MASK_ARG = "encoder_attention_mask"
-
-
-def keep_mask(mask: Tensor, batch: int, length: int) -> Tensor | None:
-    """A conditioning mask in any of diffusers' formats as a bool [B, L] "attend to this token":
-    bool, 0/1 (keep = 1), or an additive bias (0 keep, large negative drop), shaped [B, L] or
-    [B, 1, L]. None when its shape does not match the conditioning (then nothing is masked)."""
-    if mask.dim() == 3 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.dim() != 2 or tuple(mask.shape) != (batch, length):
-        return None
-    if mask.dtype == torch.bool:
-        return mask
-    mask = mask.float()
-    if bool((mask < 0).any()):  # additive bias: 0 keeps, -10000 / -inf drops
-        return mask > -1.0
-    return mask > 0.5
 
 
 class ConditioningContext:
@@ -73,6 +58,11 @@ class ConditioningContext:
         cleared after forward) because gradient checkpointing re-runs the blocks during backward."""
         self.value = self._argument(args, kwargs, self.arg_name, self._position)
         self.mask = self._argument(args, kwargs, MASK_ARG, self._mask_position)
+
+    def __getstate__(self) -> dict:
+        # A copy (EMA model, pickle) starts without the last forward's conditioning: it may carry
+        # that forward's graph (a trained text encoder), which cannot be copied.
+        return self.__dict__ | {"value": None, "mask": None}
 
     def get(self) -> Tensor:
         if self.value is None:
@@ -149,8 +139,8 @@ class CrossAttentionRouter(Router):
         mask = self.context.mask if self.context is not None else None
         if mask is None:
             return None
-        keep_BL = keep_mask(mask.to(c_BLC.device), c_BLC.shape[0], c_BLC.shape[1])
-        if keep_BL is None:
+        keep_BL = keep_mask(mask.to(c_BLC.device))
+        if tuple(keep_BL.shape) != tuple(c_BLC.shape[:2]):  # not this conditioning's mask: attend to all
             return None
         keep_BL = keep_BL | ~keep_BL.any(dim=-1, keepdim=True)
         return keep_BL[:, None, None, :]
