@@ -298,13 +298,13 @@ def test_never_taking_the_losses_is_bounded_and_said(monkeypatch: pytest.MonkeyP
     with pytest.warns(UserWarning, match="nobody took their router losses"):
         for _ in range(moe_module.MAX_COLLECTED + 1):
             model(input_ids=tokens())
-    assert layer._loss_count == 1
+    assert layer._collected == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():  # no graph, nothing kept alive: no bound, no warning
             for _ in range(moe_module.MAX_COLLECTED + 1):
                 model(input_ids=tokens())
-    assert layer._loss_count == moe_module.MAX_COLLECTED + 1
+    assert layer._collected == moe_module.MAX_COLLECTED + 1
 
 
 # ------------------------------------------------------------------------------ loss on the output

@@ -157,7 +157,11 @@ class MoeLayer(nn.Module):
         weighted = sum(self.loss_weights[name] * value for name, value in layer_losses.items())
         self.last_losses = {name: value.detach() for name, value in layer_losses.items()}
         mode = (torch.is_grad_enabled(), self.training)
-        overflow = mode[0] and self._loss_count >= MAX_COLLECTED and not self._loss_taken
+        # Under torch.compile the forward count lives in a tensor (a Python int attribute that
+        # changes every call would recompile every call), and the cap, which needs it on the host,
+        # is not applied.
+        compiling = torch.compiler.is_compiling()
+        overflow = not compiling and mode[0] and self._collected >= MAX_COLLECTED and not self._loss_taken
         if self._loss_taken or self._loss_consumed or mode != self._loss_mode or overflow:
             if overflow and not _warned_uncollected:
                 _warned_uncollected = True
@@ -168,10 +172,14 @@ class MoeLayer(nn.Module):
                     "torch.no_grad()",
                     stacklevel=3,
                 )
-            self._loss_sum, self._loss_count, self.loss_taken_by_output = None, 0, False
+            self._loss_sum, self._loss_count, self._collected, self.loss_taken_by_output = None, None, 0, False
         self._loss_taken, self._loss_consumed, self._loss_mode = False, False, mode
-        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
-        self._loss_count += 1
+        if self._loss_sum is None:
+            self._loss_sum, self._loss_count = weighted, weighted.detach().new_ones(())
+        else:
+            self._loss_sum, self._loss_count = self._loss_sum + weighted, self._loss_count + 1
+        if not compiling:
+            self._collected += 1
 
     def _backward_reached(self, grad: Tensor) -> None:
         self._loss_consumed = True
@@ -179,7 +187,8 @@ class MoeLayer(nn.Module):
     def clear_losses(self) -> None:
         """Forget the collected router losses (a check's forwards are not training's)."""
         self._loss_sum: Tensor | None = None
-        self._loss_count = 0
+        self._loss_count: Tensor | None = None  # forwards collected, on the device
+        self._collected = 0  # the same on the host, outside torch.compile (for the cap)
         self._loss_taken = False
         self._loss_consumed = False  # a backward went through the collected forwards
         self._loss_mode: tuple[bool, bool] | None = None
@@ -188,7 +197,8 @@ class MoeLayer(nn.Module):
     def loss_state(self) -> dict:
         """The collected losses and counts, to put back with `restore_loss_state` after forwards
         that must not count (export's logit check)."""
-        fields = ("_loss_sum", "_loss_count", "_loss_taken", "_loss_consumed", "_loss_mode", "loss_taken_by_output", "last_losses")
+        fields = ("_loss_sum", "_loss_count", "_collected", "_loss_taken", "_loss_consumed", "_loss_mode")
+        fields += ("loss_taken_by_output", "last_losses")
         return {"tokens_per_expert": self.tokens_per_expert.clone()} | {name: getattr(self, name) for name in fields}
 
     def restore_loss_state(self, state: dict) -> None:
@@ -201,7 +211,8 @@ class MoeLayer(nn.Module):
         # copy.deepcopy (EMA models, AveragedModel) and pickle at any point of a step: the
         # collected losses carry the forward's graph, which cannot be copied (and should not be).
         state = super().__getstate__()
-        state.update(_loss_sum=None, _loss_count=0, _loss_taken=False, _loss_consumed=False, _loss_mode=None)
+        state.update(_loss_sum=None, _loss_count=None, _collected=0, _loss_taken=False, _loss_consumed=False)
+        state.update(_loss_mode=None)
         return state
 
     def reset_stats(self) -> None:
