@@ -39,3 +39,21 @@ def fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
+    """The loopback Hub (tests/hub_server.py), with huggingface_hub pointed at it as HF_ENDPOINT
+    would (HF_ENDPOINT itself is read at import: the subprocess test sets it) and a private
+    download cache."""
+    from hub_server import TOKEN, HubServer
+    from huggingface_hub import constants
+
+    with HubServer(tmp_path / "hub", token=TOKEN) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # loopback only: nothing leaves the machine
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server

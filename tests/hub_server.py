@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+TOKEN = "hf_test_token"  # what the tests' server accepts
 REPO = r"(?P<repo>[\w.-]+(?:/[\w.-]+)?)"
 ROUTES = [  # (method, route name, path pattern)
     ("POST", "create", r"/api/repos/create"),

