@@ -43,7 +43,11 @@ def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, a
     """Whether the expert loop should run this call: CPU tokens without autocast, one dtype for
     the tokens and every expert tensor, an activation that does not write into its input
     (backward recomputes the activation from the saved pre-activation), and an [A, H]
-    intermediate too large for the cache (`MIN_INTERMEDIATE_BYTES`)."""
+    intermediate too large for the cache (`MIN_INTERMEDIATE_BYTES`). Never under torch.compile:
+    the loop reads its split sizes on the host (a graph break), so compiled layers take the grouped
+    path, whose product is then one opaque custom op (moeify.layers.dispatch)."""
+    if torch.compiler.is_compiling():
+        return False
     if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or getattr(act, "inplace", False):
         return False
     if not all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in tensors):

@@ -170,7 +170,8 @@ class PackedExperts(nn.Module):
 
 
 class ModuleExperts(nn.Module):
-    """E deep copies of an arbitrary token-wise FFN module (the generic path)."""
+    """E deep copies of an arbitrary token-wise FFN module (the generic path). Under torch.compile
+    its routed call is a graph break (it runs eagerly); `fullgraph=True` needs packed experts."""
 
     def __init__(self, module: nn.Module, num_experts: int) -> None:
         super().__init__()
@@ -182,6 +183,13 @@ class ModuleExperts(nn.Module):
     ) -> tuple[Tensor, Tensor] | Tensor:
         if expert_idx_TK is None:  # shared experts, as in PackedExperts.forward
             return self.forward_all(x_TD)
+        return self._routed(x_TD, expert_idx_TK, weights_TK)
+
+    # Under torch.compile the routed experts run eagerly (a graph break around this call): the
+    # split sizes are read on the host and each expert sees a data-dependent number of tokens,
+    # which dynamo would otherwise specialise on and recompile for. Packed layouts compile whole.
+    @torch.compiler.disable
+    def _routed(self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor]:
         order_A, token_A, _, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
         x_AD = x_TD[token_A]
         weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)

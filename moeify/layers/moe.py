@@ -162,7 +162,11 @@ class MoeLayer(nn.Module):
         # is not applied.
         compiling = torch.compiler.is_compiling()
         overflow = not compiling and mode[0] and self._collected >= MAX_COLLECTED and not self._loss_taken
-        if self._loss_taken or self._loss_consumed or mode != self._loss_mode or overflow:
+        # Compiled, the backward hook that ends a collection is not there, so a backward that left the
+        # losses out cannot be seen: untaken losses with a graph are replaced, never added to (their
+        # graph may be freed). Take aux_loss after each forward that needs it.
+        stale = compiling and self._loss_sum is not None and self._loss_sum.requires_grad
+        if self._loss_taken or self._loss_consumed or mode != self._loss_mode or overflow or stale:
             if overflow and not _warned_uncollected:
                 _warned_uncollected = True
                 warnings.warn(
@@ -247,7 +251,7 @@ def require_graph(layers: list[MoeLayer], total: Tensor) -> None:
     """Refuse router losses without a graph when autograd is on and the routers are trainable:
     reentrant checkpointing runs the first forward under no_grad, so the losses recorded there
     carry no graph and the routers would silently never train."""
-    if not torch.is_grad_enabled() or total.grad_fn is not None:
+    if not torch.is_grad_enabled() or total.requires_grad:  # (requires_grad: torch.compile traces it)
         return
     if any(p.requires_grad for layer in layers for p in layer.router.parameters()):
         raise RuntimeError(
