@@ -19,7 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
+import compile_bench  # noqa: E402
 import conversion_bench  # noqa: E402
+import model_bench  # noqa: E402
 import paths_bench  # noqa: E402
 import transformers  # noqa: E402
 from layer_bench import Settings, layer_suite  # noqa: E402
@@ -36,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default 5, quick 2)")
     parser.add_argument("--tokens", type=int, help="tokens per batch (default 4096, quick 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=("layers", "paths", "conversion"), help="run one part")
+    parser.add_argument("--only", choices=("layers", "paths", "compile", "conversion", "model"), help="run one part")
+    parser.add_argument(
+        "--model-shape",
+        choices=("quick", "full"),
+        help="whole-model section: 4 or 30 layers (default: quick on CPU, full on CUDA; see model_bench.py)",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the JSON")
     return parser.parse_args(argv)
 
@@ -71,7 +78,7 @@ def summary(rows: list[Row]) -> list[dict]:
     # Against the fastest transformers implementation of each (section, shape, mode).
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        if r.baseline.startswith("transformers"):
+        if r.baseline.startswith("transformers") and r.section != "model":  # model rows: model_bench.summary
             groups.setdefault((r.section, r.shape, r.mode), []).append(r)
     fastest = [min(group, key=lambda r: r.baseline_ms) for group in groups.values()]
     add("at least as fast as the fastest transformers experts implementation", fastest, 1.0)
@@ -120,6 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             format_table(path_rows), f"\n[cpu paths: {info['cpu_paths']['seconds']} s, load {loadavg()}]\n", flush=True
         )
+    if args.only in (None, "compile"):
+        t0 = time.perf_counter()
+        compile_rows: list[Row] = []
+        info["compiled"] = {}
+        for shape in (llm_shape(token_count), dit_shape(token_count)):
+            shape_rows, info["compiled"][shape.name] = compile_bench.compile_rows(shape, settings)
+            compile_rows += shape_rows
+        info["compiled"]["seconds"] = round(time.perf_counter() - t0, 1)
+        rows += compile_rows
+        print(
+            format_table(compile_rows),
+            f"\n[compiled: {info['compiled']['seconds']} s, load {loadavg()}]\n",
+            flush=True,
+        )
     if args.only in (None, "conversion"):
         layers = 1 if args.quick else 4
         t0 = time.perf_counter()
@@ -138,7 +159,22 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    verdicts = summary(rows)
+    if args.only in (None, "model"):
+        t0 = time.perf_counter()
+        # CPU: the quick preset (the full shape takes over an hour on 2 cores); smoke mode: smaller still.
+        quick_shape = (args.model_shape or ("full" if cuda else "quick")) == "quick"
+        smoke = {"layers": 2, "batch": 2, "seq": 128, "steps": 2} if args.quick else {}
+        spec = model_bench.spec_from(argparse.Namespace(threads=args.threads, **smoke), quick_shape)
+        model_rows, info["model"] = model_bench.measure(spec, device)
+        info["model"]["seconds"] = round(time.perf_counter() - t0, 1)
+        rows += model_rows
+        print(
+            model_bench.format_model_table(model_rows, info["model"]),
+            f"\n[model: {info['model']['seconds']} s, load {loadavg()}]\n",
+            flush=True,
+        )
+
+    verdicts = summary(rows) + model_bench.summary(rows, info.get("model", {}))
     for v in verdicts:
         print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: worst {v['worst_ratio']} ({v['where']})")
     elapsed = time.perf_counter() - started
