@@ -268,3 +268,23 @@ def test_module_experts_compile_with_a_graph_break_and_no_recompiles() -> None:
         assert_close_to_scale(y_TD, eager_TD, f"routing {seed}")
         assert torch.equal(counts_E, eager_counts_E)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_whole_model_with_its_output_loss_is_one_graph() -> None:
+    """The root hooks (padding mask, router losses into output.loss) trace too: a converted causal
+    LM trained through out.loss compiles with fullgraph=True, and its losses match eager."""
+    torch._dynamo.reset()
+    model = moeify.moeify(tiny_llama(), num_experts=E, top_k=K).train()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = tokens()
+    mask = torch.ones_like(ids).index_fill_(1, torch.tensor([6, 7]), 0)
+    for _ in range(2):
+        out = compiled(input_ids=ids, attention_mask=mask, labels=ids)
+        expected = twin(input_ids=ids, attention_mask=mask, labels=ids)
+        assert_close_to_scale(out.loss, expected.loss, "loss")
+        assert_close_to_scale(out.aux_loss, expected.aux_loss, "aux_loss")
+        out.loss.backward()
+        expected.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close_to_scale(p.grad, q.grad, name)
