@@ -19,12 +19,13 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from moeify.convert import aux_loss, moe_layers
+from moeify.surgery.hooks import accumulation_share
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model under peft's and torch's wrappers: what owns `loss_function`."""
     for module in model.modules():
-        if callable(getattr(type(module), "loss_function", None)) or hasattr(module, "loss_function"):
+        if hasattr(module, "loss_function"):
             return module
     raise TypeError(f"sft_loss needs a transformers causal LM (with a loss_function), got {type(model).__name__}")
 
@@ -43,8 +44,7 @@ def sft_loss(model: nn.Module) -> Callable[..., Tensor]:
             logits=outputs.logits, labels=labels, vocab_size=owner.config.get_text_config().vocab_size,
             num_items_in_batch=num_items_in_batch,
         )
-        share = 1.0 if num_items_in_batch is None else (labels != -100).sum() / num_items_in_batch
-        return task + aux_loss(model).to(task.device) * share
+        return task + aux_loss(model).to(task.device) * accumulation_share(labels, num_items_in_batch)
 
     return loss
 

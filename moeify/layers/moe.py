@@ -26,6 +26,17 @@ MAX_COLLECTED = 16
 _warned_uncollected = False
 
 
+# The loss collection of a layer that has collected nothing (also what copies start from).
+_NO_LOSSES = {
+    "_loss_sum": None,  # weighted router losses summed over the collected forwards
+    "_loss_count": None,  # forwards collected, on the device
+    "_collected": 0,  # the same on the host, outside torch.compile (for the cap)
+    "_loss_taken": False,
+    "_loss_consumed": False,  # a backward went through the collected forwards
+    "_loss_mode": None,  # (autograd on, training) of the collected forwards
+}
+
+
 def _recomputing() -> bool:
     """Whether this forward is gradient checkpointing's re-run inside backward. Under
     torch.compile the re-run happens inside the compiled backward and never reaches Python."""
@@ -190,19 +201,13 @@ class MoeLayer(nn.Module):
 
     def clear_losses(self) -> None:
         """Forget the collected router losses (a check's forwards are not training's)."""
-        self._loss_sum: Tensor | None = None
-        self._loss_count: Tensor | None = None  # forwards collected, on the device
-        self._collected = 0  # the same on the host, outside torch.compile (for the cap)
-        self._loss_taken = False
-        self._loss_consumed = False  # a backward went through the collected forwards
-        self._loss_mode: tuple[bool, bool] | None = None
+        self.__dict__.update(_NO_LOSSES)
         self.loss_taken_by_output = False
 
     def loss_state(self) -> dict:
         """The collected losses and counts, to put back with `restore_loss_state` after forwards
         that must not count (export's logit check)."""
-        fields = ("_loss_sum", "_loss_count", "_collected", "_loss_taken", "_loss_consumed", "_loss_mode")
-        fields += ("loss_taken_by_output", "last_losses")
+        fields = (*_NO_LOSSES, "loss_taken_by_output", "last_losses")
         return {"tokens_per_expert": self.tokens_per_expert.clone()} | {name: getattr(self, name) for name in fields}
 
     def restore_loss_state(self, state: dict) -> None:
@@ -215,8 +220,7 @@ class MoeLayer(nn.Module):
         # copy.deepcopy (EMA models, AveragedModel) and pickle at any point of a step: the
         # collected losses carry the forward's graph, which cannot be copied (and should not be).
         state = super().__getstate__()
-        state.update(_loss_sum=None, _loss_count=None, _collected=0, _loss_taken=False, _loss_consumed=False)
-        state.update(_loss_mode=None)
+        state.update(_NO_LOSSES)
         return state
 
     def reset_stats(self) -> None:

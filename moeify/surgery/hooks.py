@@ -13,7 +13,8 @@ model, and the copy's hooks fill the copy's context.
 from __future__ import annotations
 
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +24,25 @@ from moeify.layers.routers import ConditioningContext, CrossAttentionRouter
 from moeify.layers.tokens import DECODER, ENCODER, TokenMask
 
 
+def _model_context(model: nn.Module, attr: str, make: Callable[[], Any], *, captures: bool = True) -> Any:
+    """The model's context `attr`, made and hooked onto the root's forward on first use: as a
+    pre-hook when it `capture`s the forward's arguments, else as a forward hook that `add`s to
+    the output."""
+    context = getattr(model, attr, None)
+    if context is None:
+        context = make()
+        if captures:
+            context.bind(model.forward)
+            model.register_forward_pre_hook(context.capture, with_kwargs=True)
+        else:
+            model.register_forward_hook(context.add, with_kwargs=True)
+        setattr(model, attr, context)
+    return context
+
+
 def attach_conditioning(model: nn.Module, layers: list[MoeLayer], arg: str) -> ConditioningContext:
     """One context per model, filled by a pre-hook on the root's forward."""
-    context = getattr(model, "_moeify_conditioning", None)
-    if context is None:
-        context = ConditioningContext(arg, type(model).__name__)
-        context.bind(model.forward)
-        model.register_forward_pre_hook(context.capture, with_kwargs=True)
-        model._moeify_conditioning = context
+    context = _model_context(model, "_moeify_conditioning", lambda: ConditioningContext(arg, type(model).__name__))
     for layer in layers:
         if isinstance(layer.router, CrossAttentionRouter):
             layer.router.context = context
@@ -49,12 +61,7 @@ def _encoder(model: nn.Module) -> nn.Module | None:
 
 def attach_token_mask(model: nn.Module, layers: list[MoeLayer]) -> TokenMask:
     """One padding-mask context per model, filled by a pre-hook on the root's forward."""
-    context = getattr(model, "_moeify_tokens", None)
-    if context is None:
-        context = TokenMask()
-        context.bind(model.forward)
-        model.register_forward_pre_hook(context.capture, with_kwargs=True)
-        model._moeify_tokens = context
+    context = _model_context(model, "_moeify_tokens", TokenMask)
     encoder = _encoder(model)
     in_encoder = {id(module) for module in encoder.modules()} if encoder is not None else None
     for layer in layers:
@@ -90,7 +97,7 @@ class OutputLoss:
             return
         if module.training:
             require_graph(layers, aux)
-            output.loss = loss + (aux * _share(kwargs)).to(device=loss.device, dtype=loss.dtype)
+            output.loss = loss + (aux * accumulation_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))).to(device=loss.device, dtype=loss.dtype)
             for layer in layers:
                 layer.loss_taken_by_output = True
             if torch.is_grad_enabled() and type(output).__name__ == "FusedCausalLMOutput":
@@ -101,16 +108,15 @@ class OutputLoss:
             output.aux_loss = aux
 
 
-def _share(kwargs: dict) -> Tensor | float:
+def accumulation_share(labels: object, num_items_in_batch: object) -> Tensor | float:
     """This micro-batch's share of the accumulated step's labelled tokens, when `Trainer` passes
     `num_items_in_batch`: its task loss is then a sum over this micro-batch's tokens divided by the
     step's total (not a per-micro-batch mean, and `Trainer` no longer divides by the accumulation
     steps), so the router losses get the same weighting. Without it: 1."""
-    total, labels = kwargs.get("num_items_in_batch"), kwargs.get("labels")
-    if total is None or not isinstance(labels, Tensor):
+    if num_items_in_batch is None or not isinstance(labels, Tensor):
         return 1.0
     mine = (labels != -100).sum()
-    total = total.to(mine.device) if isinstance(total, Tensor) else total
+    total = num_items_in_batch.to(mine.device) if isinstance(num_items_in_batch, Tensor) else num_items_in_batch
     return mine / total  # a tensor: no host read
 
 
@@ -131,10 +137,6 @@ def _warn_fused() -> None:
 
 def attach_output_loss(model: nn.Module, enabled: bool) -> OutputLoss:
     """One forward hook per model; a later conversion's setting replaces the earlier one's."""
-    context = getattr(model, "_moeify_output_loss", None)
-    if context is None:
-        context = OutputLoss(enabled)
-        model.register_forward_hook(context.add, with_kwargs=True)
-        model._moeify_output_loss = context
+    context = _model_context(model, "_moeify_output_loss", lambda: OutputLoss(enabled), captures=False)
     context.enabled = enabled
     return context

@@ -33,6 +33,7 @@ class ConditioningContext:
         self.arg_name, self.model_name = arg_name, model_name
         self.value: Tensor | None = None
         self.mask: Tensor | None = None
+        self.keep: Tensor | None = None  # the mask as bool [B, L] "attend to this token"
         self._position: int | None = None
         self._mask_position: int | None = None
 
@@ -58,11 +59,13 @@ class ConditioningContext:
         cleared after forward) because gradient checkpointing re-runs the blocks during backward."""
         self.value = self._argument(args, kwargs, self.arg_name, self._position)
         self.mask = self._argument(args, kwargs, MASK_ARG, self._mask_position)
+        # As bool "attend", once per forward rather than in every layer's router.
+        self.keep = keep_mask(self.mask) if isinstance(self.mask, Tensor) else None
 
     def __getstate__(self) -> dict:
         # A copy (EMA model, pickle) starts without the last forward's conditioning: it may carry
         # that forward's graph (a trained text encoder), which cannot be copied.
-        return self.__dict__ | {"value": None, "mask": None}
+        return self.__dict__ | {"value": None, "mask": None, "keep": None}
 
     def get(self) -> Tensor:
         if self.value is None:
@@ -136,10 +139,10 @@ class CrossAttentionRouter(Router):
         """Padding tokens the model masks out must not steer the routes: a [B, 1, 1, L] bool mask
         from the captured `encoder_attention_mask`. A row with every token masked attends to all of
         them instead (softmax over nothing is NaN)."""
-        mask = self.context.mask if self.context is not None else None
-        if mask is None:
+        keep_BL = self.context.keep if self.context is not None else None
+        if keep_BL is None:
             return None
-        keep_BL = keep_mask(mask.to(c_BLC.device))
+        keep_BL = keep_BL.to(c_BLC.device)
         if tuple(keep_BL.shape) != tuple(c_BLC.shape[:2]):  # not this conditioning's mask: attend to all
             return None
         keep_BL = keep_BL | ~keep_BL.any(dim=-1, keepdim=True)
