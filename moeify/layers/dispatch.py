@@ -32,15 +32,19 @@ def sort_by_expert(expert_idx_TK: Tensor, num_experts: int) -> tuple[Tensor, Ten
     flat_A = expert_idx_TK.reshape(-1)
     # stable: tokens keep their order inside an expert, so results do not depend on sort ties.
     order_A = torch.argsort(flat_A, stable=True)
-    if flat_A.device.type == "cpu" and not torch.compiler.is_compiling():
+    return order_A, order_A // top_k, flat_A[order_A], count_per_expert(flat_A, num_experts)
+
+
+def count_per_expert(flat_A: Tensor, num_experts: int, weight_A: Tensor | None = None) -> Tensor:
+    """int64 [E]: how many assignments each expert got (each counted `weight_A`, an int64 0/1
+    per assignment, when given: padding counts 0). No host read."""
+    if weight_A is None and flat_A.device.type == "cpu" and not torch.compiler.is_compiling():
         # bincount is 5-10 us faster than scatter_add_ on this CPU (4096 tokens, 8 experts).
-        tokens_per_expert_E = torch.bincount(flat_A, minlength=num_experts)
-    else:
-        # A static [E] shape (bincount's depends on the largest index: data-dependent under
-        # dynamo), and no host sync (CUDA bincount reads that largest index back).
-        tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_A.device)
-        tokens_per_expert_E.scatter_add_(0, flat_A, torch.ones_like(flat_A))
-    return order_A, order_A // top_k, flat_A[order_A], tokens_per_expert_E
+        return torch.bincount(flat_A, minlength=num_experts)
+    # A static [E] shape (bincount's depends on the largest index: data-dependent under
+    # dynamo), and no host sync (CUDA bincount reads that largest index back).
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_A.device)
+    return counts_E.scatter_add_(0, flat_A, torch.ones_like(flat_A) if weight_A is None else weight_A)
 
 
 def _capability_major(device: torch.device) -> int:

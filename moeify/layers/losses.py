@@ -31,14 +31,6 @@ def token_sum(values_T: Tensor, keep_T: Tensor | None) -> Tensor:
     return (values_T * keep.reshape(-1, *([1] * (values_T.dim() - 1)))).sum(0)
 
 
-def kept_tokens_per_expert(expert_idx_TK: Tensor, keep_T: Tensor, num_experts: int) -> Tensor:
-    """Top-k assignments per expert, of the kept tokens only: int64 [E], without a host read
-    (`expert_idx_TK[keep_T]` would read the mask's size back)."""
-    weights_TK = keep_T.to(torch.int64).unsqueeze(-1).expand_as(expert_idx_TK)
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx_TK.device)
-    return counts_E.scatter_add_(0, expert_idx_TK.reshape(-1), weights_TK.reshape(-1))
-
-
 def balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int, keep_T: Tensor | None = None) -> Tensor:
     """Switch/GShard load balancing: E * sum_e f_e * P_e, where f_e is the share of the counted
     tokens' K assignments that went to expert e and P_e its mean router probability over them.

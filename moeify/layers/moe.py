@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify.layers import losses, stats
+from moeify.layers.dispatch import count_per_expert
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.routers.base import Router
 from moeify.layers.tokens import ENCODER, TokenMask
@@ -123,7 +124,8 @@ class MoeLayer(nn.Module):
         y_TD = routed_TD if shared_TD is None else routed_TD + shared_TD
         keep_T = self._keep_T(batch_shape, x_TD.device)
         if keep_T is not None:  # the experts counted every token; the statistics count real ones
-            tokens_per_expert_E = losses.kept_tokens_per_expert(expert_idx_TK, keep_T, self.num_experts)
+            kept_A = keep_T.to(torch.int64).repeat_interleave(self.top_k)  # [T*K], token-major as expert_idx_TK
+            tokens_per_expert_E = count_per_expert(expert_idx_TK.reshape(-1), self.num_experts, kept_A)
         entropy_T = losses.entropy(probs_TE)
         layer_losses = {
             "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k, keep_T),
