@@ -223,13 +223,15 @@ def child(job: dict) -> dict:
     return result
 
 
-def run_child(job: dict, env: dict) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
+def run_child(job: dict, env: dict, script: str = __file__) -> dict:
+    """Run `script --child JOB` (a fresh process: its peak memory is its own) and return its JSON."""
+    command = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or [""])[-1]
         why = "killed (out of memory?)" if done.returncode in (-9, 137) else tail
-        raise RuntimeError(f"child {job['names']} {job['mode']} exited {done.returncode}: {why}")
+        what = " ".join(str(job[k]) for k in ("names", "kind", "name", "mode") if k in job)
+        raise RuntimeError(f"child {what} exited {done.returncode}: {why}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 import compile_bench  # noqa: E402
 import conversion_bench  # noqa: E402
+import generate_bench  # noqa: E402
 import model_bench  # noqa: E402
 import paths_bench  # noqa: E402
 import transformers  # noqa: E402
@@ -38,11 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default 5, quick 2)")
     parser.add_argument("--tokens", type=int, help="tokens per batch (default 4096, quick 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=("layers", "paths", "compile", "conversion", "model"), help="run one part")
+    parser.add_argument("--only", choices=("layers", "paths", "compile", "conversion", "model", "generate"), help="run one part")
     parser.add_argument(
         "--model-shape",
         choices=("quick", "full"),
-        help="whole-model section: 4 or 30 layers (default: quick on CPU, full on CUDA; see model_bench.py)",
+        help="whole-model sections: the quick or full presets of model_bench.py and generate_bench.py "
+        "(default: quick on CPU, full on CUDA)",
     )
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="where to write the JSON")
     return parser.parse_args(argv)
@@ -78,7 +80,7 @@ def summary(rows: list[Row]) -> list[dict]:
     # Against the fastest transformers implementation of each (section, shape, mode).
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        if r.baseline.startswith("transformers") and r.section != "model":  # model rows: model_bench.summary
+        if r.baseline.startswith("transformers") and r.section not in ("model", "generate"):  # their own summaries
             groups.setdefault((r.section, r.shape, r.mode), []).append(r)
     fastest = [min(group, key=lambda r: r.baseline_ms) for group in groups.values()]
     add("at least as fast as the fastest transformers experts implementation", fastest, 1.0)
@@ -174,7 +176,22 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    if args.only in (None, "generate"):
+        t0 = time.perf_counter()
+        # CPU: the reduced grid (generate_bench.PRESETS); smoke mode: smaller still.
+        preset = "full" if (args.model_shape or ("full" if cuda else "quick")) == "full" else "quick"
+        smoke = dict(layers=1, cells=((1, 64), (4, 64)), compiled_cells=((1, 64),), new_tokens=6, repeats=2)
+        info["generate"] = []
+        for spec in generate_bench.PRESETS[preset]:
+            spec = generate_bench.replace(spec, threads=args.threads, **(smoke if args.quick else {}))
+            spec_rows, spec_info = generate_bench.measure(spec, device)
+            rows += spec_rows
+            info["generate"].append(spec_info)
+            print(generate_bench.format_table(spec_rows, spec_info), flush=True)
+        print(f"[generate: {time.perf_counter() - t0:.0f} s, load {loadavg()}]\n", flush=True)
+
     verdicts = summary(rows) + model_bench.summary(rows, info.get("model", {}))
+    verdicts += generate_bench.summary([r for r in rows if r.section == "generate"], info.get("generate", []))
     for v in verdicts:
         print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: worst {v['worst_ratio']} ({v['where']})")
     elapsed = time.perf_counter() - started

@@ -155,7 +155,9 @@ def test_compile_takes_the_grouped_op_where_eager_takes_the_expert_loop(monkeypa
     with torch.no_grad():
         compiled_y, _ = compiled_experts(x_TD, idx_TK, weights_TK)
     assert loops == ["train", "infer"]
-    assert len(products) == 6  # inside the op: 2 projections forward, their 2 grad_x in backward, 2 no_grad
+    # Inside the op: 2 projections forward and their 2 grad_x in backward; without autograd 3, the
+    # gate and up products split on a CPU (PackedExperts._splits_gate_up).
+    assert len(products) == 7
     assert_same(compiled, eager)
     assert_close_to_scale(compiled_y, eager_y, "no_grad y")
 

@@ -231,13 +231,15 @@ def test_expert_loop_without_autograd_matches(kind: str, bias: bool, case: str, 
     idx_TK, weights_TK = routes(case)
     x_TD = torch.randn(idx_TK.shape[0], D, generator=torch.Generator().manual_seed(1))
     calls = []
-    real = expert_loop.run_combined
-    monkeypatch.setattr(expert_loop, "run_combined", lambda *args: calls.append(1) or real(*args))
+    real, real_few = expert_loop.run_combined, expert_loop.run_few
+    monkeypatch.setattr(expert_loop, "run_combined", lambda *args: calls.append("sorted") or real(*args))
+    monkeypatch.setattr(expert_loop, "run_few", lambda *args: calls.append("one token") or real_few(*args))
     with torch.no_grad():
         y_TD, counts_E = packed(x_TD, idx_TK, weights_TK)
-    assert calls == [1]
+    expected = ["one token" if idx_TK.shape[0] <= expert_loop.FEW_TOKENS else "sorted"]
+    assert calls == expected
     trained_TD, trained_counts_E = packed(x_TD, idx_TK, weights_TK)  # the autograd path
-    assert calls == [1] and trained_TD.grad_fn is not None
+    assert calls == expected and trained_TD.grad_fn is not None
     torch.testing.assert_close(y_TD, trained_TD.detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(counts_E, trained_counts_E)
 

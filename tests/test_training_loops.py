@@ -320,11 +320,14 @@ def test_output_loss_includes_the_router_losses_in_training_only() -> None:
     with pytest.warns(UserWarning, match="counts them twice"):
         aux_loss(model)
     model.eval()
-    with torch.no_grad():
-        evaluated = model(input_ids=ids, labels=ids)
+    evaluated = model(input_ids=ids, labels=ids)
     torch.testing.assert_close(evaluated.loss, plain.loss)  # eval: the task loss (perplexity) alone
     assert evaluated.aux_loss is not None
     assert model(input_ids=ids).loss is None  # no labels: nothing added
+    with torch.no_grad():  # inference (eval, no autograd, no monitor): the router losses are not computed
+        inferred = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(inferred.loss, plain.loss)
+    assert getattr(inferred, "aux_loss", None) is None
 
 
 # -------------------------------------------------------------------------------- exact statistics

@@ -38,12 +38,18 @@ Activation = Callable[[Tensor], Tensor]  # [n, H] -> [n, I], elementwise per tok
 # (benchmarks/paths_bench.py).
 MIN_INTERMEDIATE_BYTES = 32 * 2**20
 
+# Calls of at most this many tokens (a batch-1 decode step) skip sorting and the grouped product
+# when autograd is off (`run_few`). One MoE layer, SmolLM2 shape, 8 experts, top-2, run_few ÷
+# sorted-grouped time: 0.96 at 1 token, 0.99 at 2, 1.03 at 3-4 (benchmarks/RESULTS.md, "generate()").
+FEW_TOKENS = 1
 
-def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, assignments: int) -> bool:
+
+def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, assignments: int | None) -> bool:
     """Whether the expert loop should run this call: CPU tokens without autocast, one dtype for
     the tokens and every expert tensor, an activation that does not write into its input
     (backward recomputes the activation from the saved pre-activation), and an [A, H]
-    intermediate too large for the cache (`MIN_INTERMEDIATE_BYTES`). Never under torch.compile:
+    intermediate too large for the cache (`MIN_INTERMEDIATE_BYTES`; `assignments=None` skips this
+    last test). Never under torch.compile:
     the loop reads its split sizes on the host (a graph break), so compiled layers take the grouped
     path, whose product is then one opaque custom op (moeify.layers.dispatch)."""
     if torch.compiler.is_compiling():
@@ -52,7 +58,7 @@ def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, a
         return False
     if not all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in tensors):
         return False
-    return assignments * tensors[0].shape[1] * x.element_size() >= MIN_INTERMEDIATE_BYTES
+    return assignments is None or assignments * tensors[0].shape[1] * x.element_size() >= MIN_INTERMEDIATE_BYTES
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
@@ -83,14 +89,17 @@ def run_combined(
     w_out_EOI: Tensor,
     b_out_EO: Tensor | None,
     tokens_per_expert_E: Tensor,
-    activate: Activation,
+    activate: Activation | Callable[[Tensor, Tensor], Tensor],
     finish: Activation,
+    split_gate_up: bool = False,
 ) -> Tensor:
     """Without autograd (inference): the whole routed output y_TD, gathering, weighting and
     adding back each expert's tokens inside the loop, as transformers' eager experts do. Every
     temporary is one expert's, so nothing of size [A, ...] is allocated: fresh buffers that size
     cost their first-touch page faults (~0.4 ms/MB here, 4% of a DiT-sized forward).
-    `finish` runs on each expert's output before its routing weight (the FFN's output dropout)."""
+    `finish` runs on each expert's output before its routing weight (the FFN's output dropout).
+    `split_gate_up`: a gated layout's input projection as two products, gate rows then up rows,
+    and `activate(gate, up)` (moeify.layers.experts.PackedExperts._splits_gate_up says why)."""
     sizes = tokens_per_expert_E.tolist()
     y_TD = x_TD.new_zeros(x_TD.shape[0], w_out_EOI.shape[1])
     # One scratch buffer per product, sized for the busiest expert and reused by every expert:
@@ -98,11 +107,68 @@ def run_combined(
     most = max(sizes, default=0)
     h_mH = x_TD.new_empty(most, w_in_EHD.shape[1])
     y_mO = x_TD.new_empty(most, w_out_EOI.shape[1])
+    half = w_in_EHD.shape[1] // 2
     for e, rows in _expert_rows(sizes):
         n, token_n = rows.stop - rows.start, token_A[rows]
         x_nD = x_TD.index_select(0, token_n)
-        y_nO = finish(_expert(x_nD, e, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, activate, h_mH[:n], y_mO[:n]))
+        if split_gate_up:
+            gate_nI, up_nI = h_mH[:n].view(2, n, half)  # rows :n are contiguous: two [n, I] halves
+            for cols, out in ((slice(None, half), gate_nI), (slice(half, None), up_nI)):
+                _linear(x_nD, w_in_EHD[e, cols], None if b_in_EH is None else b_in_EH[e, cols], out)
+            b_O = None if b_out_EO is None else b_out_EO[e]
+            y_nO = finish(_linear(activate(gate_nI, up_nI), w_out_EOI[e], b_O, y_mO[:n]))
+        else:
+            y_nO = finish(_expert(x_nD, e, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, activate, h_mH[:n], y_mO[:n]))
         y_TD.index_add_(0, token_n, y_nO.mul_(weight_A1[rows].to(y_nO.dtype)))
+    return y_TD
+
+
+def run_few(
+    x_TD: Tensor,
+    expert_idx_TK: Tensor,
+    weights_TK: Tensor,
+    w_in_EHD: Tensor,
+    b_in_EH: Tensor | None,
+    w_out_EOI: Tensor,
+    b_out_EO: Tensor | None,
+    activate: Activation | Callable[[Tensor, Tensor], Tensor],
+    finish: Activation,
+    split_gate_up: bool = False,
+) -> Tensor:
+    """Decode-sized calls without autograd (`FEW_TOKENS`): y_TD with no sort and no grouped
+    product. The routes are read on the host (on a CPU, a memory read) and each hit expert runs
+    once on its tokens by plain matrix products, as `run_combined` does after sorting; at these
+    sizes the sort's and the grouped kernel's fixed costs are what a decode step pays beyond
+    reading the experts' weights. Arguments as in `run_combined`."""
+    top_k, device = expert_idx_TK.shape[1], x_TD.device
+    assignments_of: dict[int, list[int]] = {}
+    for a, e in enumerate(expert_idx_TK.reshape(-1).tolist()):
+        assignments_of.setdefault(e, []).append(a)
+    weight_A1 = weights_TK.reshape(-1, 1)
+    y_TD = x_TD.new_zeros(x_TD.shape[0], w_out_EOI.shape[1])
+    half = w_in_EHD.shape[1] // 2
+    for e, assignments in assignments_of.items():
+        if len(assignments) == 1:  # views, no index tensors: every small op costs 5-10 us on a CPU
+            a = assignments[0]
+            rows = slice(a // top_k, a // top_k + 1)
+            x_nD, w_n1 = x_TD[rows], weight_A1[a : a + 1]
+        else:
+            token_n = torch.tensor([a // top_k for a in assignments], device=device)
+            x_nD, w_n1 = x_TD.index_select(0, token_n), weight_A1[torch.tensor(assignments, device=device)]
+        if split_gate_up:
+            gate_nI, up_nI = (
+                _linear(x_nD, w_in_EHD[e, cols], None if b_in_EH is None else b_in_EH[e, cols], None)
+                for cols in (slice(None, half), slice(half, None))
+            )
+            b_O = None if b_out_EO is None else b_out_EO[e]
+            y_nO = finish(_linear(activate(gate_nI, up_nI), w_out_EOI[e], b_O, None))
+        else:
+            y_nO = finish(_expert(x_nD, e, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, activate))
+        y_nO = y_nO.mul_(w_n1.to(y_nO.dtype))
+        if len(assignments) == 1:
+            y_TD[rows].add_(y_nO)
+        else:
+            y_TD.index_add_(0, token_n, y_nO)
     return y_TD
 
 

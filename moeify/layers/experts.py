@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeify.layers import expert_loop
-from moeify.layers.dispatch import grouped_linear, sort_by_expert
+from moeify.layers.dispatch import count_per_expert, grouped_linear, sort_by_expert
 
 
 def compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
@@ -80,23 +80,44 @@ class PackedExperts(nn.Module):
         only without autograd (nothing then needs the activation's output afterwards)."""
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            if self.up_act is not None:
-                up = self.up_act(up)
-            product = self.act(gate).mul_(up) if in_place else self.act(gate) * up
-            return product if self.post_act is None else self.post_act(product)
+            return self._gate(gate, up, in_place)
         return self.act(h)
 
-    def _activate(self, h: Tensor) -> Tensor:
-        h = self._activation(h)
+    def _gate(self, gate: Tensor, up: Tensor, in_place: bool = False) -> Tensor:
+        if self.up_act is not None:
+            up = self.up_act(up)
+        product = self.act(gate).mul_(up) if in_place else self.act(gate) * up
+        return product if self.post_act is None else self.post_act(product)
+
+    def _splits_gate_up(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
+        """Gated, on a CPU, several tokens, no autograd: the input projection as two products (the
+        gate rows, then the up rows) instead of one over [gate; up]. This CPU's BLAS runs
+        [n, D] x [D, 2I] 5-16% slower than two [n, D] x [D, I] at 4-128 tokens per expert, while at
+        one token the single product is as fast or faster (benchmarks/RESULTS.md, "generate()").
+        Under autograd each slice's weight gradient would be a full [E, 2I, D] buffer, so training
+        keeps the one product."""
+        return self.gated and x.device.type == "cpu" and x.shape[0] > 1 and not expert_loop.wants_grad(x, *tensors)
+
+    def _hidden(self, x_AD: Tensor, w_in: Tensor, b_in: Tensor | None, expert_A: Tensor, counts_E: Tensor, split: bool) -> Tensor:
+        """The activated intermediate of every assignment (mid dropout included), by grouped products."""
+        if split:
+            half = w_in.shape[1] // 2
+            gate, up = (
+                self._project(x_AD, w_in[:, rows], None if b_in is None else b_in[:, rows], expert_A, counts_E)
+                for rows in (slice(None, half), slice(half, None))
+            )
+            h = self._gate(gate, up, in_place=True)
+        else:
+            h = self._activation(self._project(x_AD, w_in, b_in, expert_A, counts_E))
         return F.dropout(h, self.mid_dropout, self.training) if self.mid_dropout else h
 
     def _finish(self, y: Tensor) -> Tensor:
         return F.dropout(y, self.out_dropout, self.training) if self.out_dropout else y
 
-    def _runs_expert_by_expert(self, x: Tensor, tensors: tuple[Tensor | None, ...], assignments: int) -> bool:
+    def _runs_expert_by_expert(self, x: Tensor, tensors: tuple[Tensor | None, ...], assignments: int | None) -> bool:
         """CPU, large batches: expert by expert (moeify.layers.expert_loop); elsewhere, or with
         dropout between the projections in training (its mask would have to be replayed in
-        backward), grouped."""
+        backward), grouped. `assignments=None`: whatever the batch size."""
         extra = (self.up_act, self.post_act)
         if (self.mid_dropout and self.training) or any(getattr(m, "inplace", False) for m in extra):
             return False
@@ -116,15 +137,20 @@ class PackedExperts(nn.Module):
         experts (peft adapters, hooks) sees the call."""
         if expert_idx_TK is None:
             return self.forward_all(x_TD)
-        order_A, token_A, expert_A, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
-        weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
         # Read once: under a peft adapter each read of a weight computes W + ΔW afresh.
         tensors = (self.w_in, self.b_in, self.w_out, self.b_out)
         expert_by_expert = self._runs_expert_by_expert(x_TD, tensors, expert_idx_TK.numel())
+        split = self._splits_gate_up(x_TD, (weights_TK, *tensors))
+        few = x_TD.shape[0] <= expert_loop.FEW_TOKENS
+        if few and self._runs_expert_by_expert(x_TD, tensors, None) and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
+            activate = partial(self._gate, in_place=True) if split else partial(self._activation, in_place=True)
+            y_TD = expert_loop.run_few(x_TD, expert_idx_TK, weights_TK, *tensors, activate, self._finish, split)
+            return y_TD, count_per_expert(expert_idx_TK.reshape(-1), self.num_experts)
+        order_A, token_A, expert_A, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
+        weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
         if expert_by_expert and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
-            y_TD = expert_loop.run_combined(
-                x_TD, token_A, weight_A1, *tensors, counts_E, partial(self._activation, in_place=True), self._finish
-            )
+            activate = partial(self._gate, in_place=True) if split else partial(self._activation, in_place=True)
+            y_TD = expert_loop.run_combined(x_TD, token_A, weight_A1, *tensors, counts_E, activate, self._finish, split)
             return y_TD, counts_E
         # index_select, not x_TD[token_A]: its backward is a row-wise index_add_, where advanced
         # indexing's is an element-wise scatter (1.5x slower on CPU at 4096 tokens).
@@ -133,7 +159,7 @@ class PackedExperts(nn.Module):
         if expert_by_expert:
             y_AD = expert_loop.run(x_AD, w_in, b_in, w_out, b_out, counts_E, self._activation)
         else:
-            h_AI = self._activate(self._project(x_AD, w_in, b_in, expert_A, counts_E))
+            h_AI = self._hidden(x_AD, w_in, b_in, expert_A, counts_E, split)
             y_AD = self._project(h_AI, w_out, b_out, expert_A, counts_E)
         y_AD = self._finish(y_AD)
         y_TD = y_AD.new_zeros(x_TD.shape[0], y_AD.shape[-1])
@@ -149,8 +175,16 @@ class PackedExperts(nn.Module):
             self.w_out.unbind(0),
             self.b_out.unbind(0) if self.b_out is not None else [None] * self.num_experts,
         )
+        split = self._splits_gate_up(x_TD, (self.w_in, self.b_in, self.w_out, self.b_out))
         for w_in, b_in, w_out, b_out in params:
-            h = self._activate(F.linear(x_TD.to(compute_dtype(x_TD.device, w_in.dtype)), w_in, b_in))
+            x = x_TD.to(compute_dtype(x_TD.device, w_in.dtype))
+            if split:  # as in `_splits_gate_up`
+                half = w_in.shape[0] // 2
+                gate, up = (F.linear(x, w_in[rows], None if b_in is None else b_in[rows]) for rows in (slice(None, half), slice(half, None)))
+                h = self._gate(gate, up, in_place=True)
+            else:
+                h = self._activation(F.linear(x, w_in, b_in))
+            h = F.dropout(h, self.mid_dropout, self.training) if self.mid_dropout else h
             y = F.linear(h.to(compute_dtype(h.device, w_out.dtype)), w_out, b_out)
             if self.out_dropout:
                 y = F.dropout(y, self.out_dropout, self.training)

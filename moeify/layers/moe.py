@@ -115,6 +115,12 @@ class MoeLayer(nn.Module):
         weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
         return logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK
 
+    def infers(self) -> bool:
+        """Whether forwards now serve inference only: eval mode, autograd off, no monitor
+        attached. Then nothing will read the router losses or the statistics, and the layer
+        computes neither (a decode step's routing work halves); the routing counts still add up."""
+        return not (self.training or self.collect_stats or torch.is_grad_enabled())
+
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - FFN signature
         batch_shape = hidden_states.shape[:-1]
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -126,6 +132,11 @@ class MoeLayer(nn.Module):
         if keep_T is not None:  # the experts counted every token; the statistics count real ones
             kept_A = keep_T.to(torch.int64).repeat_interleave(self.top_k)  # [T*K], token-major as expert_idx_TK
             tokens_per_expert_E = count_per_expert(expert_idx_TK.reshape(-1), self.num_experts, kept_A)
+        if self.infers():  # a forward in another mode: the collection starts again, empty
+            self.tokens_per_expert.add_(tokens_per_expert_E)
+            if self._loss_sum is not None:
+                self.clear_losses()
+            return y_TD.reshape(*batch_shape, y_TD.shape[-1])
         entropy_T = losses.entropy(probs_TE)
         layer_losses = {
             "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k, keep_T),

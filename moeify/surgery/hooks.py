@@ -80,6 +80,8 @@ class OutputLoss:
       gradient accumulation (`num_items_in_batch` passed to the forward) each micro-batch adds
       them weighted by its share of the step's labelled tokens, as its task loss is;
     - eval mode: `output.aux_loss` is set, `output.loss` stays the task loss (perplexity stays true);
+      under torch.no_grad with no monitor attached the layers compute no router losses
+      (`MoeLayer.infers`), and nothing is set;
     - a forward with no `loss` (no labels, a diffusers model, `return_dict=False`): nothing changes,
       and `moeify.aux_loss(model)` still collects the losses for the caller's own loss.
     """
