@@ -178,22 +178,19 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
     return configs
 
 
-_ALIGN = 64  # bytes: what torch's CPU allocator gives; kernels (and their rounding) depend on it
-
-
 def read_tensors(path: Path, device: torch.device | str) -> dict[str, Tensor]:
-    """The tensors of one safetensors file. On CPU, safetensors hands out tensors 8-byte aligned
-    inside its read buffer; matmul kernels then take other code paths and round differently (and
-    grouped_mm wants 16 bytes): such tensors get an allocation of their own."""
+    """The tensors of one safetensors file. On CPU every tensor gets an allocation of its own, as
+    transformers' loading gives: safetensors hands out views of the memory-mapped file, 8-byte
+    aligned (matmul kernels then take other code paths and round differently, and grouped_mm wants
+    16 bytes), on 4 KB file pages (a decode step that streams the weights ran 2.5% slower on them,
+    benchmarks/RESULTS.md "generate()"), which training would then copy on write page by page."""
     from safetensors import safe_open
 
     tensors = {}
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
         for key in handle.keys():
             tensor = handle.get_tensor(key)
-            if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGN:
-                tensor = tensor.clone()
-            tensors[key] = tensor
+            tensors[key] = tensor.clone() if tensor.device.type == "cpu" else tensor
     return tensors
 
 
