@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 import generate_profile  # noqa: E402
 from model_bench import _memory_mb, _reset_peak, run_child  # noqa: E402
-from results import Row  # noqa: E402
+from results import Row, finish  # noqa: E402
 from timing import cpu_description, loadavg, quartiles  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
@@ -403,13 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(spec_rows, info), flush=True)
         found, infos = found + spec_rows, infos + [info]
     verdicts = summary(found, infos)
-    for v in verdicts:
-        print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: {v['worst_ratio']} ({v['where']})")
-    if args.output:
-        result = {"machine": {"device": machine, "torch": torch.__version__, "loadavg_after": loadavg()}, "summary": verdicts}
-        result |= {"seconds": round(time.perf_counter() - started), "rows": [r.as_dict() for r in found], "details": infos}
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"done in {time.perf_counter() - started:.0f} s")
+    finish(verdicts, found, infos, machine, started, args.output)
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
-from results import Row  # noqa: E402
+from results import Row, finish  # noqa: E402
 from timing import Timings, cpu_description, interleaved, loadavg  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
@@ -387,13 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, info = measure(spec, device)
     verdicts = summary(rows, info)
     print(format_model_table(rows, info))
-    for v in verdicts:
-        print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: {v['worst_ratio']} ({v['where']})")
-    if args.output:
-        result = {"machine": {"device": machine, "torch": torch.__version__, "loadavg_after": loadavg()}, "summary": verdicts}
-        result |= {"seconds": round(time.perf_counter() - started), "rows": [r.as_dict() for r in rows], "details": info}
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"done in {time.perf_counter() - started:.0f} s")
+    finish(verdicts, rows, info, machine, started, args.output)
     return 0
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from timing import Timings
+import torch
+from timing import Timings, loadavg
 
 
 @dataclass
@@ -99,3 +103,15 @@ def format_table(rows: list[Row]) -> str:
     widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
     render = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def finish(verdicts: list[dict], rows: list[Row], details: object, machine: str, started: float, output: Path | None) -> None:
+    """The end of a standalone benchmark: print each verdict, write rows and details as JSON when
+    asked, print the elapsed time."""
+    for v in verdicts:
+        print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: {v['worst_ratio']} ({v['where']})")
+    if output:
+        result = {"machine": {"device": machine, "torch": torch.__version__, "loadavg_after": loadavg()}, "summary": verdicts}
+        result |= {"seconds": round(time.perf_counter() - started), "rows": [r.as_dict() for r in rows], "details": details}
+        output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"done in {time.perf_counter() - started:.0f} s")
