@@ -246,7 +246,8 @@ def peak_memory(spec: Spec, directory: Path, device: torch.device, name: str, ce
     _reset_peak(device)
     start = _memory_mb(device, peak=False)
     generate(model, prompt_ids(spec, *cell, device), spec.new_tokens, compiled=False)
-    return _memory_mb(device, peak=True) - start
+    # At least 0: the resident set can shrink during a call (the allocator hands memory back).
+    return max(_memory_mb(device, peak=True) - start, 0.0)
 
 
 def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dict]:  # noqa: ANN001
@@ -302,7 +303,7 @@ def rows(spec: Spec, info: dict) -> list[Row]:
                 out.append(Row("generate", spec.label, f"{phase} {mode} {cell}", "moeify", NATIVE, median, q1, q3,
                                ms[0], ms[1], TARGET_SPEED, note, fastest))  # fmt: skip
     memory = info.get("memory", {})
-    if memory.get("moeify") and memory.get(NATIVE):
+    if memory.get("moeify") is not None and memory.get(NATIVE):
         ratio = memory["moeify"] / memory[NATIVE]
         note = f"{memory['moeify']:.0f} / {memory[NATIVE]:.0f} MB above the loaded model"
         out.append(Row("generate", spec.label, f"peak memory eager {memory['cell']}", "moeify", NATIVE, ratio, ratio,
