@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -36,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 
 import generate_profile  # noqa: E402
 from model_bench import _memory_mb, _reset_peak, run_child  # noqa: E402
-from results import Row, finish  # noqa: E402
-from timing import cpu_description, loadavg, quartiles  # noqa: E402
+from results import Row, finish, start  # noqa: E402
+from timing import loadavg, quartiles  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
 NATIVE = "transformers qwen2_moe"
@@ -392,11 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="also write the rows and details as JSON there")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    begun = start(args.child, child)
+    if begun is None:
         return 0
-    device, started = torch.device("cuda" if torch.cuda.is_available() else "cpu"), time.perf_counter()
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu (no GPU): {cpu_description()}"
+    device, started, machine = begun
     print(f"generate() benchmark on {machine}, {str(dtype_for(device)).removeprefix('torch.')}, load {loadavg()}", flush=True)
     found, infos = [], []
     for spec in specs_from(args):

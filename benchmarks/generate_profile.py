@@ -98,6 +98,8 @@ def capture(model: nn.Module, run: Callable, clock_type: type) -> list[Tensor]:
     finally:
         for handle in handles:
             handle.remove()
+    if not inputs:
+        raise ValueError(f"the profile replays decode step {CAPTURE_STEP}: generate at least {CAPTURE_STEP + 1} new tokens")
     return inputs
 
 

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
-from results import Row, finish  # noqa: E402
-from timing import Timings, cpu_description, interleaved, loadavg  # noqa: E402
+from results import Row, finish, start  # noqa: E402
+from timing import Timings, interleaved, loadavg  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
 # Qwen2-MoE's router_aux_loss_coef. Its balance loss pools all layers and counts top-k
@@ -377,12 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="also write the rows and details as JSON there")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    begun = start(args.child, child)
+    if begun is None:
         return 0
-    device, started = torch.device("cuda" if torch.cuda.is_available() else "cpu"), time.perf_counter()
+    device, started, machine = begun
     spec = spec_from(args, args.quick)
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu (no GPU): {cpu_description()}"
     print(f"whole-model benchmark on {machine}, float32, {spec.label}, {spec.steps} steps, load {loadavg()}", flush=True)
     rows, info = measure(spec, device)
     verdicts = summary(rows, info)

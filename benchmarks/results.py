@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from timing import Timings, loadavg
+from timing import Timings, cpu_description, loadavg
 
 
 @dataclass
@@ -103,6 +104,17 @@ def format_table(rows: list[Row]) -> str:
     widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
     render = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def start(child_job: str | None, child: Callable[[dict], dict]) -> tuple[torch.device, float, str] | None:
+    """The start of a standalone benchmark: with `--child JOB`, run that job and print its JSON
+    (None: the process is done); else (device, start time, a description of the machine)."""
+    if child_job:
+        print(json.dumps(child(json.loads(child_job))))
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu (no GPU): {cpu_description()}"
+    return device, time.perf_counter(), machine
 
 
 def finish(verdicts: list[dict], rows: list[Row], details: object, machine: str, started: float, output: Path | None) -> None:

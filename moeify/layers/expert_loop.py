@@ -58,7 +58,12 @@ def applies(x: Tensor, tensors: Sequence[Tensor | None], act: torch.nn.Module, a
         return False
     if not all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in tensors):
         return False
-    return assignments is None or assignments * tensors[0].shape[1] * x.element_size() >= MIN_INTERMEDIATE_BYTES
+    return assignments is None or outgrows_cache(x, tensors[0], assignments)
+
+
+def outgrows_cache(x: Tensor, w_in_EHD: Tensor, assignments: int) -> bool:
+    """Whether this call's [A, H] intermediate reaches `MIN_INTERMEDIATE_BYTES`."""
+    return assignments * w_in_EHD.shape[1] * x.element_size() >= MIN_INTERMEDIATE_BYTES
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
@@ -107,18 +112,11 @@ def run_combined(
     most = max(sizes, default=0)
     h_mH = x_TD.new_empty(most, w_in_EHD.shape[1])
     y_mO = x_TD.new_empty(most, w_out_EOI.shape[1])
-    half = w_in_EHD.shape[1] // 2
     for e, rows in _expert_rows(sizes):
         n, token_n = rows.stop - rows.start, token_A[rows]
         x_nD = x_TD.index_select(0, token_n)
-        if split_gate_up:
-            gate_nI, up_nI = h_mH[:n].view(2, n, half)  # rows :n are contiguous: two [n, I] halves
-            for cols, out in ((slice(None, half), gate_nI), (slice(half, None), up_nI)):
-                _linear(x_nD, w_in_EHD[e, cols], None if b_in_EH is None else b_in_EH[e, cols], out)
-            b_O = None if b_out_EO is None else b_out_EO[e]
-            y_nO = finish(_linear(activate(gate_nI, up_nI), w_out_EOI[e], b_O, y_mO[:n]))
-        else:
-            y_nO = finish(_expert(x_nD, e, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, activate, h_mH[:n], y_mO[:n]))
+        tensors = (w_in_EHD, b_in_EH, w_out_EOI, b_out_EO)
+        y_nO = finish(_expert(x_nD, e, *tensors, activate, h_mH[:n], y_mO[:n], split_gate_up))
         y_TD.index_add_(0, token_n, y_nO.mul_(weight_A1[rows].to(y_nO.dtype)))
     return y_TD
 
@@ -146,7 +144,6 @@ def run_few(
         assignments_of.setdefault(e, []).append(a)
     weight_A1 = weights_TK.reshape(-1, 1)
     y_TD = x_TD.new_zeros(x_TD.shape[0], w_out_EOI.shape[1])
-    half = w_in_EHD.shape[1] // 2
     for e, assignments in assignments_of.items():
         if len(assignments) == 1:  # views, no index tensors: every small op costs 5-10 us on a CPU
             a = assignments[0]
@@ -155,15 +152,8 @@ def run_few(
         else:
             token_n = torch.tensor([a // top_k for a in assignments], device=device)
             x_nD, w_n1 = x_TD.index_select(0, token_n), weight_A1[torch.tensor(assignments, device=device)]
-        if split_gate_up:
-            gate_nI, up_nI = (
-                _linear(x_nD, w_in_EHD[e, cols], None if b_in_EH is None else b_in_EH[e, cols], None)
-                for cols in (slice(None, half), slice(half, None))
-            )
-            b_O = None if b_out_EO is None else b_out_EO[e]
-            y_nO = finish(_linear(activate(gate_nI, up_nI), w_out_EOI[e], b_O, None))
-        else:
-            y_nO = finish(_expert(x_nD, e, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, activate))
+        tensors = (w_in_EHD, b_in_EH, w_out_EOI, b_out_EO)
+        y_nO = finish(_expert(x_nD, e, *tensors, activate, split_gate_up=split_gate_up))
         y_nO = y_nO.mul_(w_n1.to(y_nO.dtype))
         if len(assignments) == 1:
             y_TD[rows].add_(y_nO)
@@ -194,14 +184,26 @@ def _expert(
     b_in_EH: Tensor | None,
     w_out_EOI: Tensor,
     b_out_EO: Tensor | None,
-    activate: Activation,
+    activate: Activation | Callable[[Tensor, Tensor], Tensor],
     h_out: Tensor | None = None,
     y_out: Tensor | None = None,
+    split_gate_up: bool = False,
 ) -> Tensor:
     """Expert e on its n tokens; the pre-activation goes to `h_out` and the output to `y_out`
-    when given (slices of [A, ...] buffers), else to temporaries."""
-    h_nH = _linear(x_nD, w_in_EHD[e], None if b_in_EH is None else b_in_EH[e], h_out)
-    return _linear(activate(h_nH), w_out_EOI[e], None if b_out_EO is None else b_out_EO[e], y_out)
+    when given (slices of [A, ...] buffers), else to temporaries. `split_gate_up`: the gate rows
+    and the up rows as two products (into the two contiguous halves of `h_out`), then
+    `activate(gate, up)`."""
+    if split_gate_up:
+        n, half = x_nD.shape[0], w_in_EHD.shape[1] // 2
+        halves = (None, None) if h_out is None else h_out.view(2, n, half)  # h_out: rows :n, contiguous
+        gate_nI, up_nI = (
+            _linear(x_nD, w_in_EHD[e, cols], None if b_in_EH is None else b_in_EH[e, cols], out)
+            for cols, out in zip((slice(None, half), slice(half, None)), halves)
+        )
+        a_nI = activate(gate_nI, up_nI)
+    else:
+        a_nI = activate(_linear(x_nD, w_in_EHD[e], None if b_in_EH is None else b_in_EH[e], h_out))
+    return _linear(a_nI, w_out_EOI[e], None if b_out_EO is None else b_out_EO[e], y_out)
 
 
 class ExpertLoop(torch.autograd.Function):

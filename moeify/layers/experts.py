@@ -11,6 +11,7 @@ Shape legend: T tokens, D model dim, I intermediate dim, E experts, K top-k, A =
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -89,26 +90,28 @@ class PackedExperts(nn.Module):
         product = self.act(gate).mul_(up) if in_place else self.act(gate) * up
         return product if self.post_act is None else self.post_act(product)
 
-    def _splits_gate_up(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
+    def _splits_gate_up(self, x: Tensor, needs_grad: bool) -> bool:
         """Gated, on a CPU, several tokens, no autograd: the input projection as two products (the
         gate rows, then the up rows) instead of one over [gate; up]. This CPU's BLAS runs
         [n, D] x [D, 2I] 5-16% slower than two [n, D] x [D, I] at 4-128 tokens per expert, while at
         one token the single product is as fast or faster (benchmarks/RESULTS.md, "generate()").
         Under autograd each slice's weight gradient would be a full [E, 2I, D] buffer, so training
         keeps the one product."""
-        return self.gated and x.device.type == "cpu" and x.shape[0] > 1 and not expert_loop.wants_grad(x, *tensors)
+        return self.gated and x.device.type == "cpu" and x.shape[0] > 1 and not needs_grad
 
-    def _hidden(self, x_AD: Tensor, w_in: Tensor, b_in: Tensor | None, expert_A: Tensor, counts_E: Tensor, split: bool) -> Tensor:
-        """The activated intermediate of every assignment (mid dropout included), by grouped products."""
+    def _activated(self, x: Tensor, w_in: Tensor, b_in: Tensor | None, project: Callable, split: bool) -> Tensor:
+        """act(w_in · x + b_in), mid dropout included, where `project(x, w, b)` runs one input
+        product (grouped over experts, or one expert's); `split` as in `_splits_gate_up`. The
+        [gate; up] rows sit on dim -2 of `w_in` and dim -1 of `b_in` whether packed or one expert's."""
         if split:
-            half = w_in.shape[1] // 2
+            half = w_in.shape[-2] // 2
             gate, up = (
-                self._project(x_AD, w_in[:, rows], None if b_in is None else b_in[:, rows], expert_A, counts_E)
+                project(x, w_in[..., rows, :], None if b_in is None else b_in[..., rows])
                 for rows in (slice(None, half), slice(half, None))
             )
             h = self._gate(gate, up, in_place=True)
         else:
-            h = self._activation(self._project(x_AD, w_in, b_in, expert_A, counts_E))
+            h = self._activation(project(x, w_in, b_in))
         return F.dropout(h, self.mid_dropout, self.training) if self.mid_dropout else h
 
     def _finish(self, y: Tensor) -> Tensor:
@@ -139,17 +142,17 @@ class PackedExperts(nn.Module):
             return self.forward_all(x_TD)
         # Read once: under a peft adapter each read of a weight computes W + ΔW afresh.
         tensors = (self.w_in, self.b_in, self.w_out, self.b_out)
-        expert_by_expert = self._runs_expert_by_expert(x_TD, tensors, expert_idx_TK.numel())
-        split = self._splits_gate_up(x_TD, (weights_TK, *tensors))
-        few = x_TD.shape[0] <= expert_loop.FEW_TOKENS
-        if few and self._runs_expert_by_expert(x_TD, tensors, None) and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
-            activate = partial(self._gate, in_place=True) if split else partial(self._activation, in_place=True)
+        needs_grad = expert_loop.wants_grad(x_TD, weights_TK, *tensors)
+        split = self._splits_gate_up(x_TD, needs_grad)
+        loops = self._runs_expert_by_expert(x_TD, tensors, None)  # the CPU loop may run this call
+        activate = partial(self._gate if split else self._activation, in_place=True)
+        if loops and not needs_grad and x_TD.shape[0] <= expert_loop.FEW_TOKENS:
             y_TD = expert_loop.run_few(x_TD, expert_idx_TK, weights_TK, *tensors, activate, self._finish, split)
             return y_TD, count_per_expert(expert_idx_TK.reshape(-1), self.num_experts)
         order_A, token_A, expert_A, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
         weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
-        if expert_by_expert and not expert_loop.wants_grad(x_TD, weights_TK, *tensors):
-            activate = partial(self._gate, in_place=True) if split else partial(self._activation, in_place=True)
+        expert_by_expert = loops and expert_loop.outgrows_cache(x_TD, self.w_in, expert_idx_TK.numel())
+        if expert_by_expert and not needs_grad:
             y_TD = expert_loop.run_combined(x_TD, token_A, weight_A1, *tensors, counts_E, activate, self._finish, split)
             return y_TD, counts_E
         # index_select, not x_TD[token_A]: its backward is a row-wise index_add_, where advanced
@@ -159,7 +162,8 @@ class PackedExperts(nn.Module):
         if expert_by_expert:
             y_AD = expert_loop.run(x_AD, w_in, b_in, w_out, b_out, counts_E, self._activation)
         else:
-            h_AI = self._hidden(x_AD, w_in, b_in, expert_A, counts_E, split)
+            project = partial(self._project, expert_A=expert_A, counts_E=counts_E)
+            h_AI = self._activated(x_AD, w_in, b_in, project, split)
             y_AD = self._project(h_AI, w_out, b_out, expert_A, counts_E)
         y_AD = self._finish(y_AD)
         y_TD = y_AD.new_zeros(x_TD.shape[0], y_AD.shape[-1])
@@ -175,16 +179,9 @@ class PackedExperts(nn.Module):
             self.w_out.unbind(0),
             self.b_out.unbind(0) if self.b_out is not None else [None] * self.num_experts,
         )
-        split = self._splits_gate_up(x_TD, (self.w_in, self.b_in, self.w_out, self.b_out))
+        split = self._splits_gate_up(x_TD, expert_loop.wants_grad(x_TD, self.w_in, self.b_in, self.w_out, self.b_out))
         for w_in, b_in, w_out, b_out in params:
-            x = x_TD.to(compute_dtype(x_TD.device, w_in.dtype))
-            if split:  # as in `_splits_gate_up`
-                half = w_in.shape[0] // 2
-                gate, up = (F.linear(x, w_in[rows], None if b_in is None else b_in[rows]) for rows in (slice(None, half), slice(half, None)))
-                h = self._gate(gate, up, in_place=True)
-            else:
-                h = self._activation(F.linear(x, w_in, b_in))
-            h = F.dropout(h, self.mid_dropout, self.training) if self.mid_dropout else h
+            h = self._activated(x_TD.to(compute_dtype(x_TD.device, w_in.dtype)), w_in, b_in, F.linear, split)
             y = F.linear(h.to(compute_dtype(h.device, w_out.dtype)), w_out, b_out)
             if self.out_dropout:
                 y = F.dropout(y, self.out_dropout, self.training)
