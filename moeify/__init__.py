@@ -7,6 +7,7 @@
 
 from moeify.architectures import FFNLayout, register_conditioning, register_ffn, register_skip
 from moeify.config import MoeifyConfig
+from moeify.control import Schedule, set_routing
 from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify, token_mask
 from moeify.hub.card import model_card
 from moeify.hub.export import ExportError, export
@@ -38,6 +39,7 @@ __all__ = [
     "MoeifyConfig",
     "MoeifyState",
     "PushError",
+    "Schedule",
     "__version__",
     "aux_loss",
     "check_bf16",
@@ -55,5 +57,6 @@ __all__ = [
     "register_router",
     "register_skip",
     "save_pretrained",
+    "set_routing",
     "token_mask",
 ]

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeify.layers.routers import router_kinds
+from moeify.layers.scoring import SCORES
 
 # 2: aux_loss_in_output (version-1 configs read as True, the default).
-CONFIG_VERSION = 2
+# 3: router_score and balance_bias_rate (older configs read as "softmax" and 0: what they did).
+CONFIG_VERSION = 3
 MAX_SEED = 2**43
 
 ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_router` adds more
@@ -80,7 +82,15 @@ class MoeifyConfig:
             cross-attention router (default: min(256, hidden size)).
         router_num_heads: attention heads of the cross-attention router.
         router_init_std: standard deviation of the random router weights (Law 3).
-        router_temperature: logits are divided by it before the softmax.
+        router_temperature: logits are divided by it before the softmax (or sigmoid).
+        router_score: "softmax" (scores sum to 1 over experts) or "sigmoid" (each expert's own
+            affinity, DeepSeek-V3). Either way the chosen experts' scores are renormalised to
+            sum to 1, so the clones reproduce the dense FFN (moeify.layers.scoring).
+        balance_bias_rate: auxiliary-loss-free load balancing (DeepSeek-V3): after each optimizer
+            step every expert's selection bias moves by this much, up if the expert got fewer
+            than its share of the step's tokens, down if more. The bias changes which experts
+            are chosen, never their weights; it starts at zero (the identity check holds). 0 = off.
+            Needs an optimizer hooked: `moeify.set_routing(model, optimizer=optimizer)`.
         balance_loss_weight: Switch/GShard load-balancing loss weight.
         z_loss_weight: ST-MoE router z-loss weight.
         entropy_loss_weight: weight of the per-token routing entropy bonus (positive spreads
@@ -111,6 +121,8 @@ class MoeifyConfig:
     router_num_heads: int = 4
     router_init_std: float = 0.02
     router_temperature: float = 1.0
+    router_score: str = "softmax"
+    balance_bias_rate: float = 0.0
     balance_loss_weight: float = 0.01
     z_loss_weight: float = 1e-3
     entropy_loss_weight: float = 0.0
@@ -159,7 +171,8 @@ class MoeifyConfig:
                 _is_finite(value) and value > 0,
                 f"{name} must be a positive finite number, got {value!r}",
             )
-        for name in ("balance_loss_weight", "z_loss_weight", "entropy_loss_weight"):
+        _check(self.router_score in SCORES, f"router_score must be one of {SCORES}, got {self.router_score!r}")
+        for name in ("balance_loss_weight", "z_loss_weight", "entropy_loss_weight", "balance_bias_rate"):
             value = getattr(self, name)
             _check(
                 _is_finite(value) and value >= 0,

@@ -130,6 +130,8 @@ def moeify(
     state.captured.update(plan.report.captured)
     state.report = plan.report
     state.seconds = time.perf_counter() - started
+    if state.routing is not None:  # a second conversion: the routing control sees its layers too
+        state.routing.layers = moe_layers(model)
     model.moeify_state = state
     return model
 
@@ -144,10 +146,24 @@ class MoeifyState:
         # FFNs found by tracing blocks on example inputs, by site name: a checkpoint records them,
         # since rebuilding the model for loading has no inputs to trace on (moeify.surgery.record).
         self.captured: dict = {}
+        # The routing settings over training (moeify.control.RoutingControl), once set_routing made it.
+        self.routing = None
 
     @property
     def config(self) -> MoeifyConfig:
         return self.conversions[-1]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (their state dict
+    keys carry a prefix that the rebuilt model does not have)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:
@@ -217,4 +233,4 @@ def token_mask(model: nn.Module, keep: Tensor | None) -> None:
     hooks.attach_token_mask(model, [layer for _, layer in moe_layers(model)]).set(keep)
 
 
-__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts", "token_mask"]
+__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts", "token_mask", "unwrap"]

@@ -120,6 +120,18 @@ def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeSh
     if layer.shared_experts is not None:
         _check_experts(fmt, f"{name}.shared_experts", layer.shared_experts, act_type)
         num_shared = layer.shared_experts.num_experts
+    if layer.router_score != "softmax":
+        raise refuse(
+            fmt,
+            f"{name} scores experts with router_score={layer.router_score!r}; the native routers use a softmax "
+            "(convert with router_score='softmax')",
+        )
+    if layer.expert_bias is not None and bool(layer.expert_bias.ne(0).any()):
+        raise refuse(
+            fmt,
+            f"{name} has a nonzero expert bias (balance_bias_rate): it changes which experts are chosen, and the "
+            "native routers choose by the router's probabilities alone",
+        )
     mantissa, _ = math.frexp(layer.temperature)
     if mantissa != 0.5:
         raise refuse(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from moeify.atomic import as_directory, recover
 from moeify.config import MoeifyConfig
+from moeify.control.routing import routing_control
 from moeify.convert import MoeifyState, moe_layers, moeify
 from moeify.hub.checks import (
     CheckpointError,
@@ -171,6 +172,11 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
                 f"checkpoint was converted from?): {error}"
             ) from error
     model.moeify_state.conversions = configs  # the recipes as saved (verify included)
+    if record.get("routing") is not None:
+        try:
+            routing_control(model).load_state_dict(record["routing"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{MOEIFY_CONFIG}: its routing settings cannot be read ({type(error).__name__}: {error})") from None
     name = (record.get("base") or {}).get("name_or_path")
     config = getattr(model, "config", None)
     if name and config is not None and hasattr(config, "_name_or_path"):

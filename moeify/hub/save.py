@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify.atomic import as_directory, staged_directory
+from moeify.convert import unwrap
 from moeify.hub.companions import Saveable, check_savers, is_companion, write_companions
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
@@ -155,18 +156,6 @@ def _is_guard(path: Path) -> bool:
         return json.loads(path.read_text()).get("model_type") == GUARD_NAME
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and DistributedDataParallel's wrappers (their state dict
-    keys carry a prefix that the rebuilt model does not have)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _captured(state: Any) -> dict[str, Any]:
@@ -330,6 +319,8 @@ def save_pretrained(
             # Each tensor's dtype as written (safetensors' codes): loading compares the files' headers.
             "dtypes": {key: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in tensors.items()},
             **({"captured": captured} if captured else {}),
+            # Routing settings changed live or scheduled (moeify.set_routing), the steps counted.
+            **({"routing": state.routing.state_dict()} if getattr(state, "routing", None) is not None else {}),
             # CRC32 of every other file and of this record: a flipped byte is refused on load, not
             # loaded as a silently different model (safetensors has no checksum of its own).
             "checksums": checksums,

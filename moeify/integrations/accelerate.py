@@ -50,6 +50,7 @@ except ImportError as error:  # pragma: no cover - accelerate is a core dependen
     raise ImportError("moeify.integrations.accelerate needs accelerate: pip install 'accelerate>=1.0'") from error
 
 from moeify.atomic import STAGING, as_directory, recover, swap_in, sync_tree
+from moeify.control.routing import routing_control
 from moeify.convert import moe_layers
 
 STATE_FORMAT = 1
@@ -124,7 +125,9 @@ def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any
     """`accelerator.prepare(model, *objects)` for a converted model: `check_launch`, then
     `keep_stats_local` (DDP), and under FSDP2 with a low-precision param dtype the routers are
     first sharded with an fp32 policy. No DDP kwargs are needed (see the module docstring).
-    Returns what `accelerator.prepare` returns."""
+    Every optimizer prepared is hooked to the model's routing control (`moeify.set_routing`), so
+    expert biases and routing schedules move once per real optimizer step (not per accumulated
+    micro-batch). Returns what `accelerator.prepare` returns."""
     check_launch(accelerator)
     keep_stats_local(model)
     if _fsdp2_casts_params(accelerator):
@@ -133,13 +136,21 @@ def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any
         if mesh is not None and accelerator.parallelism_config is not None:
             mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
         shard_routers(model, mesh=mesh, reshard_after_forward=plugin.reshard_after_forward)
-    return accelerator.prepare(model, *objects)
+    control = routing_control(model)
+    prepared = accelerator.prepare(model, *objects)
+    for obj in prepared if isinstance(prepared, tuple) else (prepared,):
+        # accelerate's AcceleratedOptimizer skips the inner step while gradients accumulate.
+        inner = getattr(obj, "optimizer", None)
+        if isinstance(obj, torch.optim.Optimizer) and isinstance(inner, torch.optim.Optimizer):
+            control.hook(inner)
+    return prepared
 
 
 class MoeifyCheckpoint:
     """moeify's non-parameter state, for `accelerator.register_for_checkpointing`: the conversion
-    recipes (checked on load, so a checkpoint is not loaded into a differently converted model) and
-    a monitor runner's state (`MonitorRunner.state_dict`: step counter, events, and each monitor's
+    recipes (checked on load, so a checkpoint is not loaded into a differently converted model), the
+    routing control's state (`moeify.set_routing`: live settings, schedules, steps counted; the
+    expert biases are buffers, saved with the model), and a monitor runner's state (`MonitorRunner.state_dict`: step counter, events, and each monitor's
     streaks, windows and references), so a resumed run raises no event twice and ends with the
     summary of an uninterrupted one. Primitives only: accelerate unpickles custom state with
     `weights_only=False`.
@@ -160,6 +171,9 @@ class MoeifyCheckpoint:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"format": STATE_FORMAT, "recipes": self._recipes()}
+        routing = getattr(self.model.moeify_state, "routing", None)
+        if routing is not None:
+            state["routing_state"] = json.dumps(routing.state_dict())
         if self.runner is not None:
             runner_state = self.runner.state_dict()
             # Events may carry a custom monitor's non-JSON extras (kept as strings); monitor states
@@ -180,6 +194,8 @@ class MoeifyCheckpoint:
                 f"  checkpoint: {state['recipes']}\n  this model: {self._recipes()}\n"
                 "convert the model with the checkpoint's recipe before accelerator.load_state"
             )
+        if "routing_state" in state:
+            routing_control(self.model).load_state_dict(json.loads(state["routing_state"]))
         if self.runner is not None and "monitor_state" in state:
             self.runner.load_state_dict(json.loads(state["monitor_state"]))
         elif self.runner is not None and "monitor_steps" in state:  # written before monitor_state existed

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from moeify.layers import losses, stats
+from moeify.layers import losses, scoring, stats
 from moeify.layers.dispatch import count_per_expert
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.routers.base import Router
@@ -25,6 +25,10 @@ Experts = PackedExperts | ModuleExperts
 # dropped (their graphs hold activations), with a warning, since a loop that never takes them leaks.
 MAX_COLLECTED = 16
 _warned_uncollected = False
+# Training forwards of a layer whose bias or schedules move per optimizer step, with no step in
+# between: past this many nothing is stepping them (no optimizer hooked), and that is said once.
+MAX_UNSTEPPED_FORWARDS = 100
+_warned_unstepped = False
 
 
 # The loss collection of a layer that has collected nothing (also what copies start from).
@@ -46,7 +50,9 @@ def _recomputing() -> bool:
 
 class MoeLayer(nn.Module):
     """Token-choice top-k MoE. The top-k weights are renormalised to sum to 1, so while the
-    routed experts are identical clones the layer reproduces the dense FFN exactly (Law 3)."""
+    routed experts are identical clones the layer reproduces the dense FFN exactly (Law 3).
+    Scores, choice and weights: moeify.layers.scoring. The routing settings (loss weights,
+    temperature, bias rate) are changed live with `moeify.set_routing`."""
 
     def __init__(
         self,
@@ -59,6 +65,8 @@ class MoeLayer(nn.Module):
         balance_loss_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         entropy_loss_weight: float = 0.0,
+        router_score: str = "softmax",
+        balance_bias_rate: float = 0.0,
         calls_per_forward: int = 1,
     ) -> None:
         super().__init__()
@@ -66,6 +74,9 @@ class MoeLayer(nn.Module):
         # > 1: one layer serving several depths (ALBERT's shared block); its counts add every run.
         self.calls_per_forward = calls_per_forward
         self.num_experts, self.top_k, self.temperature = experts.num_experts, top_k, temperature
+        if router_score not in scoring.SCORES:
+            raise ValueError(f"router_score must be one of {scoring.SCORES}, got {router_score!r}")
+        self.router_score = router_score
         self.loss_weights = {"balance": balance_loss_weight, "z_loss": z_loss_weight, "entropy": entropy_loss_weight}
         # Routing counts build up on the device across forwards and are read (and reset) by the
         # monitors once per optimizer step: no host sync here. int64: bf16 counts miscount above 256.
@@ -80,6 +91,16 @@ class MoeLayer(nn.Module):
         self.collect_stats = False
         self.register_buffer("stat_sums", torch.zeros(len(stats.STATS), device=device), persistent=False)
         self.register_buffer("stat_prob_sum", torch.zeros(self.num_experts, device=device), persistent=False)
+        # Auxiliary-loss-free balancing: expert_bias_E shifts the top-k choice (moeify.layers.scoring)
+        # and is saved with the weights; bias_counts_E counts training assignments between two
+        # bias updates (moeify.control.bias). Both exist only once a bias rate was set (as torchtitan).
+        self.balance_bias_rate = balance_bias_rate
+        self.register_buffer("expert_bias", None)
+        self.register_buffer("bias_counts", None, persistent=False)
+        # Set while a bias rate or a schedule needs optimizer steps (moeify.control), which reset the count.
+        self.expects_steps, self.forwards_since_step = balance_bias_rate > 0, 0
+        if balance_bias_rate > 0:
+            self.enable_bias()
         # The model's padding masks (moeify.layers.tokens), shared by its layers; which one is ours.
         self.token_mask: TokenMask | None = None
         self.mask_source = ENCODER
@@ -90,7 +111,8 @@ class MoeLayer(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # The statistics stay fp32 across `.to(torch.bfloat16)` / `.half()`, as the routers do
         # (Fp32Module): bf16 sums lose their tail after a few hundred tokens (issue 4).
-        fp32_buffers = {id(self.stat_sums), id(self.stat_prob_sum)}
+        # So does the selection bias: its steps are ~1e-3 of scores in [0, 1].
+        fp32_buffers = {id(self.stat_sums), id(self.stat_prob_sum), id(self.expert_bias)}
 
         def keep_stats_fp32(t: Tensor) -> Tensor:
             out = fn(t)
@@ -103,16 +125,31 @@ class MoeLayer(nn.Module):
     def extra_repr(self) -> str:
         shared = self.shared_experts.num_experts if self.shared_experts is not None else 0
         runs = f", calls_per_forward={self.calls_per_forward}" if self.calls_per_forward > 1 else ""
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, temperature={self.temperature}{runs}"
+        score = f", router_score={self.router_score}" if self.router_score != "softmax" else ""
+        bias = f", balance_bias_rate={self.balance_bias_rate}" if self.expert_bias is not None else ""
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, "
+            f"temperature={self.temperature}{score}{bias}{runs}"
+        )
 
-    def route(self, x_TD: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """fp32 routing: logits_TE, probs_TE, the top-(k+1) probabilities, expert_idx_TK and the
-        renormalised weights_TK. The (k+1)-th probability gives the top-k boundary margin."""
+    def enable_bias(self) -> None:
+        """Give the layer its (zero) selection bias and the counts that move it; kept once made."""
+        if self.expert_bias is not None:
+            return
+        device = self.tokens_per_expert.device
+        self.expert_bias = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
+        self.bias_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+
+    def route(
+        self, x_TD: Tensor, batch_shape: torch.Size, *, with_top: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """fp32 routing: logits_TE, probs_TE (rows sum to 1), the top-(k+1) probabilities (None
+        unless `with_top`; the (k+1)-th gives the top-k boundary margin), expert_idx_TK and weights_TK."""
         logits_TE = self.router(x_TD, batch_shape)
-        probs_TE = torch.softmax(logits_TE / self.temperature if self.temperature != 1.0 else logits_TE, dim=-1)
-        top_probs_TK1, top_idx_TK1 = probs_TE.topk(min(self.top_k + 1, self.num_experts), dim=-1)
-        top_probs_TK, expert_idx_TK = top_probs_TK1[:, : self.top_k], top_idx_TK1[:, : self.top_k]
-        weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+        scores_TE, probs_TE = scoring.scores(logits_TE, self.temperature, self.router_score)
+        expert_idx_TK, weights_TK, top_probs_TK1 = scoring.choose(
+            scores_TE, probs_TE, self.top_k, self.expert_bias, with_top=with_top
+        )
         return logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK
 
     def infers(self) -> bool:
@@ -124,7 +161,9 @@ class MoeLayer(nn.Module):
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - FFN signature
         batch_shape = hidden_states.shape[:-1]
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK = self.route(x_TD, batch_shape)
+        logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK = self.route(
+            x_TD, batch_shape, with_top=self.collect_stats
+        )
         routed_TD, tokens_per_expert_E = self.experts(x_TD, expert_idx_TK, weights_TK)
         shared_TD = self.shared_experts(x_TD).to(routed_TD.dtype) if self.shared_experts is not None else None
         y_TD = routed_TD if shared_TD is None else routed_TD + shared_TD
@@ -148,6 +187,10 @@ class MoeLayer(nn.Module):
         # add to the losses the current backward is using.
         if not _recomputing():
             self.tokens_per_expert.add_(tokens_per_expert_E)
+            if self.bias_counts is not None and self.training:
+                self.bias_counts.add_(tokens_per_expert_E)
+            if self.expects_steps and self.training and not torch.compiler.is_compiling():
+                self._count_unstepped()
             self._collect(layer_losses)
             if probs_TE.requires_grad and not torch.compiler.is_compiling():
                 # Backward through this forward (with or without the router losses) ends the
@@ -166,6 +209,20 @@ class MoeLayer(nn.Module):
                     keep_T,
                 )
         return y_TD.reshape(*batch_shape, y_TD.shape[-1])
+
+    def _count_unstepped(self) -> None:
+        global _warned_unstepped
+        self.forwards_since_step += 1
+        if self.forwards_since_step > MAX_UNSTEPPED_FORWARDS and not _warned_unstepped:
+            _warned_unstepped = True
+            warnings.warn(
+                f"moeify: this model's expert bias (balance_bias_rate={self.balance_bias_rate}) or routing schedules "
+                f"move once per optimizer step, and {MAX_UNSTEPPED_FORWARDS} training forwards ran without a step: "
+                "nothing steps them. Hook the optimizer once: moeify.set_routing(model, optimizer=optimizer) "
+                "(moeify.integrations.accelerate.prepare and MoeifyCallback do it for you), or call "
+                "moeify.set_routing(model).step() after each optimizer step",
+                stacklevel=3,
+            )
 
     def _keep_T(self, batch_shape: torch.Size, device: torch.device) -> Tensor | None:
         if self.token_mask is None:

@@ -17,7 +17,7 @@ How it counts, with no host sync per forward (the runner's rule):
   timestep per bucket (e.g. `num_buckets=max_timestep=1000` and integer timesteps) that is
   exactly the pipeline's timestep.
 - A forward hook on every MoE layer's router recomputes the routing from the router's logits
-  (softmax of logits / temperature, top-k: the same ops as `MoeLayer.route`, so the same experts)
+  (moeify.layers.scoring: the same scores, bias and top-k as `MoeLayer.route`, so the same experts)
   and adds each token's top-k one-hot, probabilities, entropy, max probability and top-k margin
   into that layer's [num_buckets, 2E+4] buffer with one `index_add_`.
 - Tokens are attributed by splitting a layer's flattened tokens into N equal consecutive groups,
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moeify.convert import moe_layers
-from moeify.layers import losses
+from moeify.layers import losses, scoring
 from moeify.layers.moe import MoeLayer
 from moeify.layers.stats import INDEX, STATS
 from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, register_monitor
@@ -66,12 +66,12 @@ class TimestepStats:
     layers: list[LayerStats]  # routed_norm / shared_norm are 0: the router never sees expert outputs
 
 
-def routing_rows(logits_TE: Tensor, top_k: int, temperature: float) -> Tensor:
+def routing_rows(logits_TE: Tensor, layer: MoeLayer) -> Tensor:
     """Per token [T, 2E+4]: top-k one-hot | probabilities | 1 | entropy | max prob | top-k margin."""
-    probs_TE = torch.softmax(logits_TE.float() / temperature, dim=-1)
-    num_experts = probs_TE.shape[-1]
-    top_probs_TK1, top_idx_TK1 = probs_TE.topk(min(top_k + 1, num_experts), dim=-1)
-    chosen_TE = torch.zeros_like(probs_TE).scatter_(1, top_idx_TK1[:, :top_k], 1.0)
+    top_k = layer.top_k
+    scores_TE, probs_TE = scoring.scores(logits_TE.float(), layer.temperature, layer.router_score)
+    expert_idx_TK, _, top_probs_TK1 = scoring.choose(scores_TE, probs_TE, top_k, layer.expert_bias)
+    chosen_TE = torch.zeros_like(probs_TE).scatter_(1, expert_idx_TK, 1.0)
     if top_probs_TK1.shape[1] > top_k:
         margin_T = top_probs_TK1[:, top_k - 1] - top_probs_TK1[:, top_k]
     else:
@@ -170,7 +170,7 @@ class TimestepRouting(Monitor):
         if self._bucket_N is None or torch._C._current_graph_task_id() != -1:
             return
         with torch.no_grad():
-            rows_TX = routing_rows(logits_TE.detach(), layer.top_k, layer.temperature)
+            rows_TX = routing_rows(logits_TE.detach(), layer)
             tokens, groups = rows_TX.shape[0], self._bucket_N.numel()
             if tokens % groups:
                 raise RuntimeError(

@@ -1,12 +1,15 @@
-"""transformers `Trainer` glue: a callback that steps a monitor runner once per optimizer step and
-puts a few routing scalars into the Trainer's logs (so every `report_to` backend gets them)."""
+"""transformers `Trainer` glue: a callback that steps a monitor runner and the model's routing
+control (expert biases, routing schedules: `moeify.set_routing`) once per optimizer step, and puts
+a few routing scalars into the Trainer's logs (so every `report_to` backend gets them)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers import TrainerCallback
 
+from moeify.control.routing import RoutingControl, routing_control
 from moeify.monitors.runner import MonitorRunner
 
 
@@ -18,10 +21,17 @@ class MoeifyCallback(TrainerCallback):
     callbacks (TensorBoard, W&B, ...) see the routing scalars it adds to each log. Passed as
     `Trainer(callbacks=[...])` it runs after them (Trainer's order) and only `log_history` and
     the console get the scalars.
+
+    It also steps the routing control of the runner's model (or of `model`, without monitors:
+    `MoeifyCallback(model=model)`), unless an optimizer was already hooked to it with
+    `moeify.set_routing(model, optimizer=...)`: the Trainer builds its optimizer inside `train()`.
     """
 
-    def __init__(self, runner: MonitorRunner) -> None:
+    def __init__(self, runner: MonitorRunner | None = None, *, model: nn.Module | None = None) -> None:
+        if runner is None and model is None:
+            raise ValueError("MoeifyCallback needs a monitor runner (attach_monitors(model)) or model=, a converted model")
         self.runner = runner
+        self.routing: RoutingControl = routing_control(model if model is not None else runner.model)
         self._last: dict[str, Any] | None = None
 
     def install(self, trainer: Any) -> MoeifyCallback:
@@ -29,12 +39,16 @@ class MoeifyCallback(TrainerCallback):
         return self
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001,ANN201,ANN003
-        record = self.runner.step()
+        if not self.routing.hooked:
+            self.routing.step()
+        record = self.runner.step() if self.runner is not None else None
         if record is not None:
             self._last = record
         return control
 
     def scalars(self) -> dict[str, float]:
+        if self.runner is None:
+            return {}
         values: dict[str, float] = {"moeify/events": float(len(self.runner.events))}
         if self._last is not None:
             cvs = [m["cv"] for m in self._last["monitors"].get("expert_load", {}).values() if "cv" in m]
@@ -52,5 +66,6 @@ class MoeifyCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001,ANN201,ANN003
-        self.runner.close()
+        if self.runner is not None:
+            self.runner.close()
         return control

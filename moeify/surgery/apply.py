@@ -163,6 +163,8 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
         balance_loss_weight=config.balance_loss_weight,
         z_loss_weight=config.z_loss_weight,
         entropy_loss_weight=config.entropy_loss_weight,
+        router_score=config.router_score,
+        balance_bias_rate=config.balance_bias_rate,
         calls_per_forward=site.calls,
     )
     return layer, weights
