@@ -83,6 +83,9 @@ class StepStats:
     steps_in_window: int  # optimizer steps covered by this observation
     layers: list[LayerStats]
     model: nn.Module = field(repr=False)
+    # The events raised so far this step: complete when a monitor that `acts` observes (the
+    # runner observes those last), empty for the others.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 Event = dict[str, Any]  # at least: step, monitor, layer, kind, detail
@@ -105,6 +108,11 @@ class Monitor:
     """
 
     name: ClassVar[str] = ""
+    # A monitor that acts on other monitors' events (a remedy, moeify.control.remedies): observed
+    # after every other monitor of the step, with their events in `stats.events`.
+    acts: ClassVar[bool] = False
+    # Monitors whose events it needs: the runner refuses to start without them.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def attach(self, model: nn.Module, layer_names: list[str]) -> None:
         """Called once when the runner starts, before any training step (e.g. to snapshot weights)."""

@@ -75,6 +75,14 @@ class MonitorRunner:
         self.steps = 0
         self._hooks: list[Any] = []
         self._closed = False
+        present = {monitor.name for monitor in self.monitors}
+        for monitor in self.monitors:
+            missing = [name for name in monitor.requires if name not in present]
+            if missing:
+                raise ValueError(
+                    f"monitor {monitor.name!r} acts on the events of {missing}, which are not attached: add them, e.g. "
+                    f"attach_monitors(model, monitors=[*{sorted(present)}, *{missing}])"
+                )
         for _, layer in self.layers:
             layer.reset_stats()
             layer.collect_stats = True
@@ -96,7 +104,9 @@ class MonitorRunner:
         stats = StepStats(self.steps, self.every_n_steps, gather(self.layers), self.model)
         record: dict[str, Any] = {"step": self.steps, "monitors": {}}
         new_events: list[Event] = []
-        for monitor in self.monitors:
+        # Monitors that act (remedies) come last and see every event of the step.
+        for monitor in sorted(self.monitors, key=lambda m: m.acts):
+            stats.events = list(new_events) if monitor.acts else []
             metrics, events = monitor.observe(stats)
             record["monitors"][monitor.name] = metrics
             new_events += events
