@@ -162,14 +162,22 @@ def test_compile_takes_the_grouped_op_where_eager_takes_the_expert_loop(monkeypa
     assert_close_to_scale(compiled_y, eager_y, "no_grad y")
 
 
-def test_moe_layer_compiles_fullgraph_with_inductor() -> None:
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"router_score": "sigmoid", "balance_bias_rate": 1e-2}, {"top_k": 1}],
+    ids=["softmax", "sigmoid-bias", "top1"],
+)
+def test_moe_layer_compiles_fullgraph_with_inductor(recipe: dict) -> None:
     """The whole MoE layer (router, experts, losses, counts) in one inductor graph, forward and
-    backward; its routing counts and router losses are updated as in eager."""
-    model = moeify.moeify(tiny_llama(num_hidden_layers=1), num_experts=E, top_k=K)
+    backward; its routing counts and router losses are updated as in eager. Also with sigmoid
+    scores and a nonzero expert bias, and at top-1 (weight s / stop_gradient(s))."""
+    model = moeify.moeify(tiny_llama(num_hidden_layers=1), **{"num_experts": E, "top_k": K} | recipe)
     _, layer = moe_layers(model)[0]
     with torch.no_grad():  # experts that differ (as after training): the router's gradient is then not ~0
         for p in layer.experts.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        if layer.expert_bias is not None:
+            layer.expert_bias.copy_(torch.linspace(-0.05, 0.05, E))
     x = torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(4))
     grad = torch.randn(2, 8, HIDDEN, generator=torch.Generator().manual_seed(5))
 
@@ -185,7 +193,7 @@ def test_moe_layer_compiles_fullgraph_with_inductor() -> None:
     eager = step(layer)
     eager_loss = layer.aux_loss()
     compiled = step(torch.compile(layer, fullgraph=True))
-    assert int(compiled["counts"].sum()) == 2 * 8 * K
+    assert int(compiled["counts"].sum()) == 2 * 8 * layer.top_k
     assert_same(compiled, eager)
     assert_close_to_scale(layer.aux_loss(), eager_loss, "aux_loss")
 
