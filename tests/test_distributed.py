@@ -166,6 +166,26 @@ def test_plain_accelerator_prepare_corrupts_statistics_under_gradient_accumulati
     assert [s["tokens"] for s in plain[0]] == [s["tokens"] for s in gathered[0]]  # same totals, wrong split
 
 
+def test_expert_bias_moves_on_global_counts_once_per_optimizer_step(ddp):
+    """Bias balancing under DDP: each optimizer step's counts are all-reduced, so every rank's bias
+    equals one process's on the concatenated micro-batches (and moves once per real step)."""
+    model = build("llama", balance_bias_rate=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    moeify.set_routing(model, optimizer=optimizer)
+    expected = []
+    for step in range(3):
+        for micro in range(2):
+            (loss_of("llama", model, concatenated("llama", 2 * step + micro)) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append([layer.expert_bias.clone() for _, layer in moeify.moe_layers(model)])
+    assert any(b.abs().sum() > 0 for b in expected[-1])
+    for rank in ddp:
+        for got_step, want_step in zip(rank["bias"], expected, strict=True):
+            for got, want in zip(got_step, want_step, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+
+
 def test_save_state_then_resume_equals_an_uninterrupted_run(ddp):
     for rank in ddp:
         assert rank["resumed"]["resumed_at"] == 2 and rank["resumed"]["steps"] == 4

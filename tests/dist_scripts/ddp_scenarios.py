@@ -66,6 +66,24 @@ def routing_stats(rank: int, plain: bool = False) -> dict:
     return {"gathered": gathered, "history": runner.history}
 
 
+def bias_balancing(rank: int) -> list[list[torch.Tensor]]:
+    """Every layer's expert bias after each of 3 optimizer steps of MICRO micro-batches, the
+    bias moved by the optimizer hook that moeify's `prepare` installs (once per real step)."""
+    model = build("llama", balance_bias_rate=0.01)
+    accelerator = Accelerator(gradient_accumulation_steps=MICRO)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ddp, optimizer = prepare(accelerator, model, optimizer)
+    biases = []
+    for step in range(3):
+        for micro in range(MICRO):
+            with accelerator.accumulate(ddp):
+                accelerator.backward(loss_of("llama", ddp, batch("llama", MICRO * step + micro, rank)))
+                optimizer.step()
+                optimizer.zero_grad()
+        biases.append([layer.expert_bias.clone() for _, layer in moeify.moe_layers(model)])
+    return biases
+
+
 def run_with_checkpoint(rank: int, out: Path, steps: int, save_at: int | None, resume: bool) -> dict:
     model = build("llama", balance_loss_weight=0.01)
     accelerator = Accelerator()
@@ -96,6 +114,7 @@ def main() -> None:
     result["train"] = {kind: train_kind(kind, rank) for kind in KINDS}
     result["stats"] = routing_stats(rank)
     result["stats_plain_prepare"] = routing_stats(rank, plain=True)
+    result["bias"] = bias_balancing(rank)
     result["uninterrupted"] = run_with_checkpoint(rank, out, steps=4, save_at=2, resume=False)
     result["resumed"] = run_with_checkpoint(rank, out, steps=4, save_at=None, resume=True)
     result["starved"] = STARVED
