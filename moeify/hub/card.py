@@ -57,6 +57,10 @@ COLUMNS = [
 SUMMARY_FIGURES = {
     "ever_deadlocked_fraction": ("deadlock", "model", "depth_profile", "ever_deadlocked_fraction"),
     "deadlock_u_thirds": ("deadlock", "model", "depth_profile", "u_thirds"),
+    # Its bootstrap interval over layers: a U read off a handful of layers is weak evidence.
+    "deadlock_u_thirds_interval": ("deadlock", "model", "depth_profile", "u_thirds_interval"),
+    # Of the layer-steps that top-k counts alone call deadlocked, the share the router's probability did not follow.
+    "deadlock_assignment_only_share": ("deadlock", "model", "assignment_only_share"),
     "soft_saturated_layers": ("router_entropy", "model", "soft_saturated_layers"),
     "saturated_layers": ("router_entropy", "model", "saturated_layers"),
     "homogeneous_layers": ("expert_homogenization", "model", "homogeneous_layers"),
@@ -85,6 +89,8 @@ def plain(value: Any) -> Any:
 
 
 def _round(value: Any) -> Any:
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
+        return [_round(v) for v in value]  # an interval
     return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
@@ -329,7 +335,7 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from moeify.hub.save import unwrap
+    from moeify.convert import unwrap
 
     model = unwrap(model)  # torch.compile / DDP wrappers
     state = getattr(model, "moeify_state", None)

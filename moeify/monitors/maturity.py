@@ -1,12 +1,18 @@
-"""Shared-expert maturity next to deadlock: data to test the Functional Redundancy Hypothesis
-("a layer stays deadlocked until its shared expert matures").
+"""Shared-expert maturity next to deadlock: data to test the Functional Redundancy Hypothesis.
+
+"Sparse Mixture-of-Experts Routing in Visual Diffusion Transformers: Diagnosis, Boundary
+Calibration and Evolutionary Roadmap from Routing Collapse to Selective Deadlock" proposes it
+from routing time series: deadlock is a waiting strategy that lasts until the shared expert
+matures. Its review notes the evidence is observational (no intervention), and the paper gives
+no measure of maturity; this monitor records what would test it, and decides nothing.
 
 Per layer with shared experts and window:
   ratio   mean ||shared output|| / mean ||routed output|| over the window's tokens. Shared experts
           start at zero or tiny noise (Law 2), so the ratio starts near 0 and grows as they learn.
-  deadlocked, deadlock_steps   the layer's deadlock state (see `deadlock`): read from the
-          `Deadlock` monitor passed as `deadlock=` (list it before this monitor, so that both see
-          the same step), or from a private one built with `tau` and `patience` otherwise.
+  deadlocked, deadlock_steps   the layer's deadlock state (see `deadlock`: counts and router
+          probability both): read from the `Deadlock` monitor passed as `deadlock=` (list it
+          before this monitor, so that both see the same step), or from a private one built with
+          `tau`, `prob_tau` and `patience` otherwise.
 Event "matured" the first time ratio >= `mature_ratio` (default 0.5: the shared path carries
 half the routed path's magnitude; a convention, not a law — set your own).
 Summary per layer: ratio at first observation, now and its maximum, the step it matured, and
@@ -26,13 +32,19 @@ class SharedMaturity(Monitor):
     name = "shared_maturity"
 
     def __init__(
-        self, *, deadlock: Deadlock | None = None, mature_ratio: float = 0.5, tau: float = 0.9, patience: int = 50
+        self,
+        *,
+        deadlock: Deadlock | None = None,
+        mature_ratio: float = 0.5,
+        tau: float = 0.9,
+        patience: int = 50,
+        prob_tau: float | None = 0.5,
     ) -> None:
         if mature_ratio <= 0:
             raise ValueError(f"mature_ratio must be > 0, got {mature_ratio}")
         self.mature_ratio = mature_ratio
         self._external = deadlock is not None
-        self.deadlock = deadlock if deadlock is not None else Deadlock(tau=tau, patience=patience)
+        self.deadlock = deadlock if deadlock is not None else Deadlock(tau=tau, patience=patience, prob_tau=prob_tau)
         self._has_shared: dict[str, bool] = {}
         self._layers: dict[str, dict[str, Any]] = {}
 
