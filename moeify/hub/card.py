@@ -51,6 +51,7 @@ COLUMNS = [
     ("shared/routed", "shared_maturity", "ratio_now", "ratio", "num"),
     ("ecology E", "ecology", "E", "E", "num"),
     ("expert spread", "expert_homogenization", "spread_max", "spread_max", "num"),
+    ("feedback kappa", "imbalance_early_warning", "kappa", "kappa", "num"),
     ("imbalance warnings", "imbalance_early_warning", "warnings", None, "count"),
 ]
 # Model-wide figures read from the run summary: name -> path under summary["monitors"].
@@ -65,6 +66,7 @@ SUMMARY_FIGURES = {
     "saturated_layers": ("router_entropy", "model", "saturated_layers"),
     "homogeneous_layers": ("expert_homogenization", "model", "homogeneous_layers"),
     "imbalance_warned_layers": ("imbalance_early_warning", "model", "layers_warned"),
+    "feedback_kappa_max": ("imbalance_early_warning", "model", "kappa_max"),
     "lost_update_fraction": ("lost_updates", "model", "lost_fraction"),
 }
 # Events that end a problem; listed after the ones that start one.
