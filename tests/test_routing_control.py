@@ -354,3 +354,15 @@ def test_export_refuses_what_native_routers_cannot_do(tmp_path):
             export(model, tmp_path / "out", "mixtral")
     model = _convert(num_shared_experts=0, balance_bias_rate=0.01)  # a zero bias exports
     export(model, tmp_path / "ok", "mixtral")
+
+
+def test_model_card_shows_routing_changed_during_training():
+    model, _ = _steered()
+    card = str(moeify.model_card(model))
+    assert "Routing settings changed during training" in card and "after 3 optimizer" in card
+    assert '"router_temperature": 0.5' in card and '"balance_bias_rate": 0.0' in card
+    assert '"balance_loss_weight"' in card and '"points"' in card  # the schedule
+    plain = _convert()
+    assert "changed during training" not in str(moeify.model_card(plain))
+    set_routing(plain, balance_loss_weight=0.01)  # the recipe's own value: nothing changed
+    assert "changed during training" not in str(moeify.model_card(plain))
