@@ -366,3 +366,17 @@ def test_model_card_shows_routing_changed_during_training():
     assert "changed during training" not in str(moeify.model_card(plain))
     set_routing(plain, balance_loss_weight=0.01)  # the recipe's own value: nothing changed
     assert "changed during training" not in str(moeify.model_card(plain))
+
+
+def test_a_deep_copy_is_hooked_to_its_own_optimizer_only():
+    model = _convert(balance_bias_rate=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    set_routing(model, optimizer=optimizer, balance_loss_weight=Schedule.linear(0.1, 0.0, steps=10))
+    _train(model, 1, optimizer)
+    copied, copied_optimizer = copy.deepcopy((model, optimizer))
+    assert not routing_control(copied).hooked  # torch's optimizers do not copy their hooks
+    set_routing(copied, optimizer=copied_optimizer)
+    _train(copied, 2, copied_optimizer)
+    assert routing_control(copied).steps == 3 and routing_control(model).steps == 1
+    assert moeify.moe_layers(copied)[0][1].loss_weights["balance"] == pytest.approx(0.07)
+    assert moeify.moe_layers(model)[0][1].loss_weights["balance"] == pytest.approx(0.09)

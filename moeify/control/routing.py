@@ -121,7 +121,12 @@ class RoutingControl:
         if not callable(getattr(optimizer, "register_step_post_hook", None)):
             raise TypeError(f"set_routing: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if id(optimizer) not in self._hooked:
-            self._hooked[id(optimizer)] = optimizer.register_step_post_hook(lambda *_: self.step())
+            self._hooked[id(optimizer)] = optimizer.register_step_post_hook(_StepHook(self))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle) is hooked to nothing: torch's optimizers do not copy their
+        # hooks either. Hook the copied optimizer again with set_routing(copy, optimizer=...).
+        return {**self.__dict__, "_hooked": {}}
 
     @property
     def hooked(self) -> bool:
@@ -180,6 +185,16 @@ class RoutingControl:
             self.set(per, [name])
         for name, per in schedules.items():
             self.set(per, [name])
+
+
+class _StepHook:
+    """The optimizer's post-step hook (an object: picklable, unlike a lambda)."""
+
+    def __init__(self, control: RoutingControl) -> None:
+        self.control = control
+
+    def __call__(self, *_: Any) -> None:
+        self.control.step()
 
 
 def routing_control(model: nn.Module) -> RoutingControl:
