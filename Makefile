@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # Re-installs only when pyproject.toml changes (or after `make distclean`).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean distclean
+.PHONY: venv demo test lint clean distclean study
 
 venv: $(STAMP)
 
@@ -53,3 +53,9 @@ coverage: venv
 
 bench-quick: venv
 	$(PY) benchmarks/run.py --quick --output /tmp/moeify-bench-quick.json
+
+# The papers' routing phenomena reproduced at small scale (studies/routing/run.py): writes
+# studies/routing/results/*.json|png and studies/routing/RESULTS.md. ~14 min on 2 CPU cores;
+# `make study ARGS=--quick` is the ~1 min smoke run of the same code (written under /tmp).
+study: venv
+	$(PY) studies/routing/run.py $(ARGS)
