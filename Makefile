@@ -55,7 +55,7 @@ bench-quick: venv
 	$(PY) benchmarks/run.py --quick --output /tmp/moeify-bench-quick.json
 
 # The papers' routing phenomena reproduced at small scale (studies/routing/run.py): writes
-# studies/routing/results/*.json|png and studies/routing/RESULTS.md. ~14 min on 2 CPU cores;
+# studies/routing/results/*.json|png and studies/routing/RESULTS.md. ~17 min on 2 CPU cores;
 # `make study ARGS=--quick` is the ~1 min smoke run of the same code (written under /tmp).
 study: venv
 	$(PY) studies/routing/run.py $(ARGS)

@@ -153,6 +153,23 @@ def pitchfork(data: dict[str, Any], out: Path) -> str:
     return _save(fig, out, "pitchfork.png")
 
 
+def remedies(data: dict[str, Any], out: Path) -> str:
+    arms = data["arms"]
+    names = list(arms)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in [
+        (axes[0], "deadlocked_step_fraction", "deadlocked layer-steps (counts)"),
+        (axes[1], "dead_expert_steps", "dead expert-steps (30-step definition)"),
+    ]:
+        ax.bar(names, [mean(arms[n][key]) for n in names])
+        for i, n in enumerate(names):
+            ax.scatter([i] * len(arms[n][key]), arms[n][key], color="black", s=10, zorder=3)
+        ax.set(ylabel=label, title=f"{label}: mean and seeds")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return _save(fig, out, "remedies.png")
+
+
 FIGURES = {
     "deadlock": deadlock,
     "maturity": maturity,
@@ -160,4 +177,5 @@ FIGURES = {
     "revival": revival,
     "ecology": ecology,
     "pitchfork": pitchfork,
+    "remedies": remedies,
 }

@@ -26,6 +26,7 @@ from model import Shape, Task, TinyDiT, denoising_loss
 from torch import nn
 
 import moeify
+from moeify.control import BreakDeadlock, ReviveDeadExperts, SharedWarmup
 from moeify.monitors import (
     DeadExperts,
     Deadlock,
@@ -189,6 +190,9 @@ def build_monitors(specs: list[list], model: nn.Module, optimizer: torch.optim.O
         "dead_experts_short": ShortDeadExperts,
         "router_entropy": RouterEntropy,
         "expert_homogenization": ExpertHomogenization,
+        "revive_dead_experts": ReviveDeadExperts,
+        "break_deadlock": BreakDeadlock,
+        "shared_warmup": SharedWarmup,
     }
     for name, spec_kwargs in specs:
         kwargs = dict(spec_kwargs)  # the job's spec stays as it was (a job may be run again)

@@ -21,6 +21,7 @@ import exp_deadlock
 import exp_ecology
 import exp_maturity
 import exp_pitchfork
+import exp_remedies
 import figures
 from verdicts import Rows
 
@@ -44,6 +45,7 @@ SECTIONS = {
         "5. Shared-expert maturity and deadlock (Functional Redundancy Hypothesis)", exp_maturity.render_maturity
     ),
     "pitchfork": Section("6. The mean-field pitchfork and kappa_hat", exp_pitchfork.render),
+    "remedies": Section("7. moeify's remedies against deadlock and dead experts", exp_remedies.render),
 }
 
 

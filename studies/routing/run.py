@@ -34,6 +34,7 @@ import exp_deadlock  # noqa: E402
 import exp_ecology  # noqa: E402
 import exp_maturity  # noqa: E402
 import exp_pitchfork  # noqa: E402
+import exp_remedies  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 
@@ -45,6 +46,7 @@ EXPERIMENTS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "maturity": exp_maturity.maturity,
     "bf16": exp_bf16.bf16,
     "pitchfork": exp_pitchfork.pitchfork,
+    "remedies": exp_remedies.remedies,
 }
 
 
