@@ -147,6 +147,16 @@ class RoutingControl:
         """Every layer's current values: {layer name: {setting: value}}."""
         return {name: {s: SETTINGS[s][0](layer) for s in SETTINGS} for name, layer in self.layers}
 
+    def changes(self, recipe: Any) -> dict[str, Any] | None:
+        """What training changed against `recipe` (a MoeifyConfig): per layer the values that
+        differ from it, the schedules, the steps counted; None when nothing differs (model card)."""
+        data, base = self.state_dict(), recipe.to_dict()
+        changed = {name: {s: v for s, v in per.items() if v != base[s]} for name, per in data["settings"].items()}
+        changed = {name: per for name, per in changed.items() if per}
+        if not changed and not data["schedules"]:
+            return None
+        return {"steps": data["steps"], "changed": changed, "schedules": data["schedules"]}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable: steps, every layer's values, the schedules, the layers that have a
         bias. (The biases themselves are buffers: they travel with the weights.)"""

@@ -160,24 +160,6 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def routing_changes(state: Any) -> dict[str, Any] | None:
-    """The routing settings changed during training (`moeify.set_routing`): per layer, the values
-    that differ from the last recipe's, and the schedules; None when nothing was changed."""
-    control = getattr(state, "routing", None)
-    if control is None:
-        return None
-    data = control.state_dict()
-    recipe = state.config.to_dict()
-    changed = {
-        name: {setting: value for setting, value in per.items() if value != recipe[setting]}
-        for name, per in data["settings"].items()
-    }
-    changed = {name: per for name, per in changed.items() if per}
-    if not changed and not data["schedules"]:
-        return None
-    return {"steps": data["steps"], "changed": changed, "schedules": data["schedules"]}
-
-
 def conversion(model: nn.Module) -> dict[str, Any]:
     """What the card says about the conversion (template variables)."""
     from moeify import __version__
@@ -195,7 +177,7 @@ def conversion(model: nn.Module) -> dict[str, Any]:
         "moeify_version": __version__,
         "base": base,
         "recipes": [plain(config.to_dict()) for config in state.conversions],
-        "routing": routing_changes(state),
+        "routing": state.routing.changes(state.config) if getattr(state, "routing", None) is not None else None,
         "layers": layers,
         "skipped": skipped,
         "parameters": counts,
