@@ -15,6 +15,7 @@ from moeify.hub.load import from_pretrained
 from moeify.hub.push import PushError, push_to_hub
 from moeify.hub.save import save_pretrained
 from moeify.layers import MoeLayer, register_router
+from moeify.monitors import attach_monitors
 from moeify.precision import check_bf16, guard_bf16
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
@@ -41,6 +42,7 @@ __all__ = [
     "PushError",
     "Schedule",
     "__version__",
+    "attach_monitors",
     "aux_loss",
     "check_bf16",
     "export",

@@ -441,3 +441,10 @@ def test_homogenization_measures_drift_from_the_clones_at_attach_time():
     # The reference is the clones as converted, so the first step's move is already measured.
     assert all(m["drift"] > 0 for m in first.values())
     runner.close()
+
+
+def test_attach_monitors_is_public_at_the_top_level():
+    import moeify.monitors
+
+    assert moeify.attach_monitors is moeify.monitors.attach_monitors
+    assert "attach_monitors" in moeify.__all__
