@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moeify.control.routing import RoutingControl, routing_control
+from moeify.control.routing import SETTINGS, RoutingControl, routing_control
 from moeify.layers.moe import MoeLayer
 from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
 
@@ -82,7 +82,7 @@ class _Boosting(Monitor):
     def act(self, step: int, name: str, trigger: Event) -> list[Event]:
         if name in self.active:  # already boosted: the boost runs its course
             return []
-        previous = self.control.settings()[self.layers[name][0]][self.setting]
+        previous = SETTINGS[self.setting][0](self.layers[name][1])
         boosted = max(previous, self.value)
         self._put(name, boosted)
         self.active[name] = {"previous": previous, "until": step + self.duration}

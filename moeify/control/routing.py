@@ -118,8 +118,7 @@ class RoutingControl:
 
     def hook(self, optimizer: torch.optim.Optimizer) -> None:
         """Run `step()` after every `optimizer.step()` (once per optimizer, however often asked)."""
-        if not callable(getattr(optimizer, "register_step_post_hook", None)):
-            raise TypeError(f"set_routing: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_optimizer(optimizer)
         if id(optimizer) not in self._hooked:
             self._hooked[id(optimizer)] = optimizer.register_step_post_hook(_StepHook(self))
 
@@ -197,6 +196,11 @@ class RoutingControl:
             self.set(per, [name])
 
 
+def _check_optimizer(optimizer: Any) -> None:
+    if not callable(getattr(optimizer, "register_step_post_hook", None)):
+        raise TypeError(f"set_routing: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
 class _StepHook:
     """The optimizer's post-step hook (an object: picklable, unlike a lambda)."""
 
@@ -246,9 +250,9 @@ def set_routing(
     Every value is checked before any layer changes. Returns the model's `RoutingControl`
     (`.settings()` reads the values, `.step()` steps it by hand)."""
     control = routing_control(model)
-    checked = {name: _check_value(name, value) for name, value in settings.items()}
-    control._targets(layers)  # refuse unknown layers before hooking anything
+    if optimizer is not None:
+        _check_optimizer(optimizer)  # before `set` changes anything
+    control.set(settings, layers)  # checks every value and layer first
     if optimizer is not None:
         control.hook(optimizer)
-    control.set(checked, layers)
     return control

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, event, register_monitor
-from moeify.theory.estimate import MIN_OBSERVATIONS, kappa_from_rate, relaxation_rate
+from moeify.theory.estimate import MIN_OBSERVATIONS, detrend, kappa_from_rate, relaxation_rate
 
 
 def imbalance(shares: tuple[float, ...]) -> float:
@@ -74,11 +74,8 @@ def imbalance(shares: tuple[float, ...]) -> float:
 
 def indicators(xs: list[float]) -> tuple[float, float]:
     """(variance, lag-1 autocorrelation) of the linearly detrended series."""
+    residuals = detrend(xs)
     n = len(xs)
-    t_mean, x_mean = (n - 1) / 2, sum(xs) / n
-    t_var = sum((t - t_mean) ** 2 for t in range(n))
-    slope = sum((t - t_mean) * (x - x_mean) for t, x in enumerate(xs)) / t_var if t_var else 0.0
-    residuals = [x - x_mean - slope * (t - t_mean) for t, x in enumerate(xs)]
     sum_sq = sum(r * r for r in residuals)
     ac1 = sum(a * b for a, b in zip(residuals, residuals[1:])) / sum_sq if sum_sq > 0 else 0.0
     return sum_sq / n, ac1
