@@ -44,6 +44,7 @@ bench: venv
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/monitors_bench.py --output benchmarks/monitors_results.json
 	$(PY) benchmarks/discovery_bench.py --output benchmarks/discovery_results.json
+	$(PY) benchmarks/distributed.py
 
 # Every transformers model type and diffusers transformer/UNet class, built tiny and converted
 # (~5 min on 2 cores): writes benchmarks/coverage.json and benchmarks/COVERAGE.md.

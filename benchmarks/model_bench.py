@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
+from models import perturb_experts  # noqa: E402
 from results import Row, finish, start  # noqa: E402
 from timing import Timings, interleaved, loadavg  # noqa: E402
 
@@ -84,11 +85,7 @@ def build_moeify(spec: Spec) -> torch.nn.Module:
         model, num_experts=NUM_EXPERTS, top_k=TOP_K, num_shared_experts=NUM_SHARED, seed=0,
         balance_loss_weight=COEF * TOP_K / spec.layers, z_loss_weight=0.0, entropy_loss_weight=0.0,
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in moeify.moe_layers(model):
-            for weight in (layer.experts.w_in, layer.experts.w_out):
-                weight.add_(0.01 * torch.randn(weight.shape, generator=generator))
+    perturb_experts(model)
     return model
 
 

@@ -233,3 +233,16 @@ def expert_shares(layer: MoeLayer, x: Tensor) -> list[float]:
     _, _, _, expert_idx_TK, _ = layer.route(x.reshape(-1, x.shape[-1]), x.shape[:-1])
     counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=layer.num_experts)
     return [round(float(c) / expert_idx_TK.numel(), 4) for c in counts_E]
+
+
+@torch.no_grad()
+def perturb_experts(model: nn.Module, scale: float = 0.01, seed: int = 1) -> None:
+    """Independent noise on every routed expert's matrices: exact clones would make a model's
+    output independent of its routing, and a benchmark could not tell routings apart."""
+    from moeify import moe_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in moe_layers(model):
+        for weight in (layer.experts.w_in, layer.experts.w_out):
+            weight.add_(scale * torch.randn(weight.shape, generator=generator))
+

@@ -19,7 +19,14 @@ from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeify
-from moeify.integrations.accelerate import fsdp2_plugin, prepare, register_state, save_state
+from moeify.integrations.accelerate import (
+    expert_parallel,
+    fsdp2_plugin,
+    load_state,
+    prepare,
+    register_state,
+    save_state,
+)
 from moeify.monitors import attach_monitors
 from moeify.sinks import AccelerateSink, JsonlSink
 
@@ -31,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2, help="tiny model only")
     p.add_argument("--num-experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ep-size", type=int, help="expert parallelism: the experts over this many processes (all of them)")
     p.add_argument("--batch-size", type=int, default=4, help="per process")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> float:
     )
     model = moeify.moeify(build_model(args), num_experts=args.num_experts, top_k=args.top_k)
     model.to(torch.bfloat16 if args.weights == "bf16" else torch.float32)  # routers, routing stats stay fp32
+    if args.ep_size:  # before the optimizer (and its bf16 guard) sees the parameters: the experts become DTensors
+        expert_parallel(accelerator, model, args.ep_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if args.weights == "bf16":  # half the memory, but small updates round away unless guarded (issue 4)
         accelerator.print(moeify.check_bf16(optimizer, model=model))
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> float:
     if args.log_with:
         accelerator.init_trackers("moeify_llm", config={k: str(v) for k, v in vars(args).items()})
     if args.resume:
-        accelerator.load_state(str(args.out / "checkpoint"))
+        load_state(accelerator, args.out / "checkpoint")  # accelerator.load_state, expert-parallel shards too
     start = runner.steps  # restored by load_state
     runner.sinks.append(JsonlSink(args.out / ("run" if start == 0 else f"run_resumed_at_{start}")))
     accelerator.print(f"world_size={accelerator.num_processes} start_step={start} device={accelerator.device}")

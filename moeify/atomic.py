@@ -170,6 +170,35 @@ def staged_directory(
         raise
 
 
+@contextlib.contextmanager
+def staged_for_ranks(
+    target: Path, *, is_main: bool, barrier: Callable[[], None], tag: str, owned: Callable[[str], bool] = lambda name: False
+) -> Iterator[Path]:
+    """`staged_directory` for a checkpoint that several processes write together (each its own
+    files): every process writes into one staging directory beside `target` (named by `tag`, the
+    same on every rank); once all are done the main process swaps it in. Call it on every process;
+    `barrier` waits for all of them. A save that fails or is killed leaves what was at `target`."""
+    target = Path(target)
+    staging = target.parent / f".{target.name}{STAGING}{tag}"
+    if is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        shutil.rmtree(staging, ignore_errors=True)  # a save that died before its swap
+        staging.mkdir()
+    barrier()
+    try:
+        yield staging
+        barrier()
+        if is_main:
+            sync_tree(staging)
+            swap_in(staging, target, owned)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier()
+
+
 def write_text(path: Path, text: str) -> None:
     """`path.write_text(text)`, crash-safe: written beside it, synced, renamed over."""
     path = Path(path)

@@ -3,6 +3,7 @@ mutates a model; a failed conversion leaves it exactly as it was."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from typing import Any
@@ -164,6 +165,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def model_class(model: nn.Module) -> type:
+    """The model's own class. FSDP2's `fully_shard` swaps it for a dynamic subclass
+    `FSDP<Name>(FSDPModule, <Name>)`, which a saved checkpoint must not name."""
+    cls = type(model)
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        return next(base for base in cls.__bases__ if not issubclass(base, fsdp_module))
+    return cls
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:

@@ -45,9 +45,16 @@ def launch(args: list[str], *, cpu: bool = True, check: bool = True) -> subproce
     return done
 
 
-def torchrun(script: str, out: Path) -> list[dict]:
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPTS / script), str(out)])
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+def torchrun_launch(script: str, *args: object, world: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node WORLD tests/dist_scripts/SCRIPT ARGS...`."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    return launch([*run, str(SCRIPTS / script), *map(str, args)])
+
+
+def torchrun(script: str, out: Path, world: int = 2) -> list[dict]:
+    """A script that writes OUT/rank<r>.pt on every rank: those records."""
+    torchrun_launch(script, out, world=world)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
 def accelerate_launch(*args: str, cpu: bool = True, check: bool = True) -> subprocess.CompletedProcess:
@@ -208,6 +215,16 @@ def test_fsdp2_shards_packed_experts_and_keeps_routers_fp32(fsdp2):
         assert all(torch.isfinite(torch.tensor(rank["losses"])))
         # Without their own fp32 unit the routers are cast to bf16 and the fp32 routing math fails.
         assert "same dtype" in rank["router_in_bf16_unit"]
+
+
+def test_save_pretrained_of_an_fsdp2_model_writes_what_one_process_writes(fsdp2, tmp_path_factory, tmp_path):
+    """Every rank calls it; the DTensor shards are gathered and rank 0 writes the same bytes."""
+    sharded = Path(fsdp2[0]["out"]) / "pretrained"
+    moeify.save_pretrained(build("llama"), tmp_path / "one")
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in sharded.iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (sharded / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- accelerate launch

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from moeify.atomic import as_directory, staged_directory
-from moeify.convert import unwrap
+from moeify.convert import model_class, unwrap
 from moeify.hub.companions import Saveable, check_savers, is_companion, write_companions
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
@@ -74,7 +76,7 @@ def _auto_class(model: nn.Module) -> str | None:
     for name in preferred + others:
         mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
         try:
-            if mapping is not None and mapping[type(model.config)] is type(model):
+            if mapping is not None and mapping[type(model.config)] is model_class(model):
                 return name
         except (KeyError, ValueError, TypeError, AttributeError, ImportError):
             continue
@@ -83,7 +85,7 @@ def _auto_class(model: nn.Module) -> str | None:
 
 def _base_description(model: nn.Module) -> dict[str, Any]:
     library = library_of(model)
-    cls = type(model)
+    cls = model_class(model)
     base: dict[str, Any] = {"library": library, "class_name": cls.__name__, "module": cls.__module__}
     if library == "transformers":
         base["model_type"] = model.config.model_type
@@ -144,7 +146,9 @@ def buffer_dtypes(model: nn.Module) -> dict[str, str]:
     not saved but rebuilt on load, then cast back (`model.to(bf16)` casts them too)."""
     dtypes = {}
     for prefix, module in model.named_modules():
-        for name in getattr(module, "_non_persistent_buffers_set", ()):
+        # sorted: a set's order follows string hashing, which changes with every process
+        # (PYTHONHASHSEED), and the record must be the same bytes whichever process writes it.
+        for name in sorted(getattr(module, "_non_persistent_buffers_set", ())):
             buffer = module._buffers.get(name)
             if buffer is not None and buffer.is_floating_point():
                 dtypes[f"{prefix}.{name}" if prefix else name] = str(buffer.dtype).removeprefix("torch.")
@@ -266,11 +270,11 @@ def save_pretrained(
     beside `directory` and swapped in whole, so a save that fails or is killed leaves the
     checkpoint that was there loadable. Other files in `directory` (a model card) are kept, and
     its tokenizer / processor files too unless this save brings its own.
+
+    A model sharded over ranks (moeify.distributed expert parallelism, FSDP2): call it on every
+    rank; the tensors are gathered whole and rank 0 writes the files one process would write
+    (for checkpoints that stay sharded, see `moeify.distributed.save_sharded`).
     """
-    from huggingface_hub import save_torch_state_dict
-
-    from moeify import __version__
-
     model = unwrap(model)
     state = getattr(model, "moeify_state", None)
     if state is None or not state.conversions:
@@ -281,11 +285,48 @@ def save_pretrained(
     _check_no_peft(model)
     check_savers("moeify.save_pretrained", tokenizer=tokenizer, processor=processor)
     directory = as_directory(directory, "moeify.save_pretrained")
-    _check_directory(directory)
     shard_size = _shard_size(max_shard_size)
+    state_dict = model.state_dict()
+    if not any(isinstance(value, DTensor) for value in state_dict.values()):
+        _check_directory(directory)
+        return _write(model, state, directory, state_dict, shard_size, tokenizer, processor)
+    # Sharded over ranks (expert parallelism, FSDP2): every rank takes part in gathering the
+    # tensors whole, rank 0 writes the files one process would, and its outcome reaches all ranks.
+    from moeify.distributed.checkpoint import full_state_dict
+
+    state_dict = full_state_dict(model)
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _check_directory(directory)
+            _write(model, state, directory, state_dict, shard_size, tokenizer, processor)
+        except Exception as error:  # raised below on rank 0, reported to the others
+            failure = error
+    outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(outcome, src=0)  # a string, pickled by this process: not untrusted
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise RuntimeError(f"moeify.save_pretrained failed on rank 0: {outcome[0]}")
+    return directory
+
+
+def _write(
+    model: nn.Module,
+    state: Any,
+    directory: Path,
+    state_dict: dict[str, Tensor],
+    shard_size: int,
+    tokenizer: Saveable | None,
+    processor: Saveable | None,
+) -> Path:
+    from huggingface_hub import save_torch_state_dict
+
+    from moeify import __version__
+
     captured = _captured(state)
     version = FORMAT_VERSION if captured else 1
-    tensors, tied = split_shared(model.state_dict())
+    tensors, tied = split_shared(state_dict)
     library = library_of(model)
     companions: list[str] = []
 

@@ -33,15 +33,17 @@ What was measured (tests/test_distributed.py, gloo, torch 2.13, accelerate 1.15)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 try:
     import accelerate
@@ -49,9 +51,12 @@ try:
 except ImportError as error:  # pragma: no cover - accelerate is a core dependency
     raise ImportError("moeify.integrations.accelerate needs accelerate: pip install 'accelerate>=1.0'") from error
 
-from moeify.atomic import STAGING, as_directory, recover, swap_in, sync_tree
+from moeify.atomic import as_directory, staged_for_ranks
 from moeify.control.routing import routing_control
 from moeify.convert import moe_layers
+from moeify.distributed.data_parallel import keep_stats_local
+from moeify.distributed.expert_parallel import is_expert_parallel
+from moeify.precision.guards import Bf16Guard
 
 STATE_FORMAT = 1
 
@@ -105,30 +110,90 @@ def _fsdp2_casts_params(accelerator: accelerate.Accelerator) -> bool:
     return policy is not None and policy.param_dtype not in (None, torch.float32)
 
 
-def keep_stats_local(model: nn.Module) -> list[str]:
-    """Exclude the MoE layers' non-persistent buffers (per-rank routing accumulators, summed by the
-    monitor runner's all-reduce) from DDP's buffer broadcast. Call before DDP wraps `model`;
-    returns the buffer names DDP now ignores."""
-    from torch.nn.parallel import DistributedDataParallel
+def expert_parallel(accelerator: accelerate.Accelerator, model: nn.Module, ep_size: int) -> DeviceMesh:
+    """Shard every MoE layer's experts over the launch's processes (`ep_size` must be their
+    number: every rank holds E / ep_size experts) with `moeify.distributed.apply_expert_parallel`,
+    on a 1-D mesh moeify builds (accelerate's `ParallelismConfig` has no expert dimension). Under
+    DDP the experts stay out of DDP; under FSDP2 out of `fully_shard` (accelerate's
+    `ignored_modules`), which shards the rest over the same ranks. Call it before building the
+    optimizer (or let `prepare(..., ep_size=N)` call it and remap a plain optimizer). Returns the mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    names = [
-        f"{name}.{buffer}" for name, layer in moe_layers(model) for buffer in sorted(layer._non_persistent_buffers_set)
-    ]
-    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    ignored += [name for name in names if name not in ignored]
-    # torch's documented workaround until DDP has a public API (pytorch/pytorch#43690).
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    return names
+    from moeify.distributed import apply_expert_parallel, keep_experts_local
+
+    where = "moeify.integrations.accelerate.expert_parallel"
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 2:
+        raise ValueError(f"{where}: ep_size must be an int >= 2 (the processes to spread the experts over), got {ep_size!r}")
+    if ep_size != accelerator.num_processes:
+        raise ValueError(
+            f"{where}: ep_size={ep_size} with {accelerator.num_processes} processes; moeify spreads the experts over "
+            f"all of them (ep_size = number of processes). With fewer, each expert shard would be replicated over "
+            f"{accelerator.num_processes}/{ep_size} data-parallel groups whose gradients moeify does not average yet: "
+            f"launch {ep_size} processes or pass ep_size={accelerator.num_processes}"
+        )
+    if accelerator.distributed_type not in _EP_TYPES:
+        raise ValueError(
+            f"{where}: expert parallelism composes with DDP (multi_cpu / multi_gpu) and FSDP2, "
+            f"not {accelerator.distributed_type}"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError(f"{where}: expert parallelism composes with FSDP2, not FSDP1: set fsdp_version: 2")
+    mesh = init_device_mesh(accelerator.device.type, (ep_size,), mesh_dim_names=("ep",))
+    apply_expert_parallel(model, mesh)
+    keep_experts_local(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        experts = [layer.experts for _, layer in moe_layers(model)]
+        plugin.ignored_modules = [*(plugin.ignored_modules or []), *experts]
+    return mesh
 
 
-def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any) -> Any:
+_EP_TYPES = (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP)
+
+
+def _parallel_experts(accelerator: accelerate.Accelerator, model: nn.Module, objects: tuple, ep_size: int) -> None:
+    """`expert_parallel`, then each optimizer in `objects` points at the new expert parameters
+    (DTensors replace them; torch cannot swap a Parameter for a DTensor one in place)."""
+    where = "moeify.integrations.accelerate.prepare"
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizers = [obj for obj in objects if isinstance(obj, torch.optim.Optimizer)]
+    for optimizer in optimizers:
+        foreign = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in names]
+        if isinstance(optimizer, Bf16Guard) or foreign or optimizer.state:
+            why = (
+                "is a bf16 guard (its shadows are the experts' old tensors)"
+                if isinstance(optimizer, Bf16Guard)
+                else "holds tensors that are not the model's parameters"
+                if foreign
+                else "has state (it stepped)"
+            )
+            raise ValueError(
+                f"{where}(..., ep_size={ep_size}): the optimizer {why}, so it cannot be moved onto the sharded experts. "
+                "Shard first, then build it: moeify.integrations.accelerate.expert_parallel(accelerator, model, "
+                f"ep_size={ep_size}); optimizer = ...(model.parameters()); prepare(accelerator, model, optimizer)"
+            )
+    expert_parallel(accelerator, model, ep_size)
+    now = dict(model.named_parameters())
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [now[names[id(p)]] for p in group["params"]]
+
+
+def prepare(accelerator: accelerate.Accelerator, model: nn.Module, *objects: Any, ep_size: int | None = None) -> Any:
     """`accelerator.prepare(model, *objects)` for a converted model: `check_launch`, then
     `keep_stats_local` (DDP), and under FSDP2 with a low-precision param dtype the routers are
     first sharded with an fp32 policy. No DDP kwargs are needed (see the module docstring).
     Every optimizer prepared is hooked to the model's routing control (`moeify.set_routing`), so
     expert biases and routing schedules move once per real optimizer step (not per accumulated
-    micro-batch). Returns what `accelerator.prepare` returns."""
+    micro-batch). Returns what `accelerator.prepare` returns.
+
+    `ep_size=N`: expert parallelism first (`expert_parallel`: the experts over the N processes,
+    DDP or FSDP2 on the rest); a plain optimizer built before is moved onto the sharded experts.
+    Clip gradients with `moeify.distributed.clip_grad_norm_` (torch's refuses DTensor experts
+    beside plain parameters); save with this module's `save_state` / `load_state`."""
     check_launch(accelerator)
+    if ep_size is not None and not is_expert_parallel(model):
+        _parallel_experts(accelerator, model, objects, ep_size)
     keep_stats_local(model)
     if _fsdp2_casts_params(accelerator):
         plugin = accelerator.state.fsdp_plugin
@@ -225,39 +290,80 @@ def _written_by_accelerate(name: str) -> bool:
     return _ACCELERATE_FILE.fullmatch(name) is not None
 
 
+def _written_by_save_state(name: str) -> bool:
+    return _written_by_accelerate(name) or re.fullmatch(rf"{SHARDED}_\d+", name) is not None
+
+
+SHARDED = "moeify_sharded"  # + _<i>: model i (and optimizer i) of an expert-parallel DDP run, DCP
+
+
+@contextlib.contextmanager
+def _sharded_by_moeify(accelerator: accelerate.Accelerator) -> Iterator[list[tuple[nn.Module, Any]]]:
+    """Under DDP with expert-parallel models, accelerate would write the weights with safetensors
+    (which refuses DTensors) and pickle the optimizer state of the main process only (its own
+    shard of every expert). Those models and optimizers are then hidden from accelerate for the
+    call, and saved / loaded by moeify with torch.distributed.checkpoint instead (each rank its
+    shards); everything else (RNG, schedulers, samplers, custom states) stays accelerate's.
+    Under FSDP2 accelerate's own sharded state dict already goes through DCP: nothing to do."""
+    models, optimizers = accelerator._models, accelerator._optimizers
+    if accelerator.distributed_type == DistributedType.FSDP or not any(is_expert_parallel(m) for m in models):
+        yield []
+        return
+    if len(optimizers) > len(models):
+        raise ValueError(
+            f"moeify: {len(optimizers)} optimizers for {len(models)} models; expert-parallel checkpoints pair "
+            "optimizer i with model i (accelerate's order of prepare)"
+        )
+    pairs = [(model, getattr(opt, "optimizer", opt)) for model, opt in zip(models, optimizers + [None] * len(models))]
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        yield pairs
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
+
+
 def save_state(accelerator: accelerate.Accelerator, output_dir: str | os.PathLike) -> Path:
     """`accelerator.save_state(output_dir)`, crash-safe (moeify.atomic): every process writes into
     one staging directory beside `output_dir`; once all are done, the main process swaps it in
     whole. A save that fails or is killed leaves the checkpoint that was at `output_dir` for
-    `accelerator.load_state`; files there that accelerate does not write are kept. Call it on
-    every process, as `save_state` itself."""
+    `load_state`; files there that accelerate does not write are kept. Call it on every process,
+    as `save_state` itself. Expert-parallel models under DDP are saved sharded (`_sharded_by_moeify`)."""
+    from moeify.distributed import save_sharded
+
     target = as_directory(output_dir, "moeify.integrations.accelerate.save_state")
-    staging = target.parent / f".{target.name}{STAGING}accelerate"  # one name for every rank
-    if accelerator.is_main_process:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        recover(target)
-        shutil.rmtree(staging, ignore_errors=True)  # a save that died before its swap
-        staging.mkdir()
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            sync_tree(staging)
-            swap_in(staging, target, owned=_written_by_accelerate)
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    accelerator.wait_for_everyone()
+    with staged_for_ranks(
+        target,
+        is_main=accelerator.is_main_process,
+        barrier=accelerator.wait_for_everyone,
+        tag="accelerate",
+        owned=_written_by_save_state,
+    ) as staging:
+        with _sharded_by_moeify(accelerator) as pairs:
+            accelerator.save_state(str(staging))
+        for i, (model, optimizer) in enumerate(pairs):
+            save_sharded(staging / f"{SHARDED}_{i}", model, optimizer)
     return target
+
+
+def load_state(accelerator: accelerate.Accelerator, input_dir: str | os.PathLike, **load_kwargs: Any) -> None:
+    """`accelerator.load_state(input_dir, **load_kwargs)` for what `save_state` wrote, expert-parallel
+    models included (loaded with `moeify.distributed.load_sharded`, whatever their ep_size was)."""
+    from moeify.distributed import load_sharded
+
+    source = as_directory(input_dir, "moeify.integrations.accelerate.load_state")
+    with _sharded_by_moeify(accelerator) as pairs:
+        accelerator.load_state(str(source), **load_kwargs)
+    for i, (model, optimizer) in enumerate(pairs):
+        load_sharded(source / f"{SHARDED}_{i}", model, optimizer)
 
 
 __all__ = [
     "MoeifyCheckpoint",
     "check_launch",
+    "expert_parallel",
     "fsdp2_plugin",
     "keep_stats_local",
+    "load_state",
     "prepare",
     "register_state",
     "save_state",

@@ -71,6 +71,9 @@ class PackedExperts(nn.Module):
         # (BitNet normalises it); None: identity.
         self.up_act, self.post_act = up_act, post_act
         self.mid_dropout, self.out_dropout = mid_dropout, out_dropout
+        # Expert parallelism (moeify.distributed.apply_expert_parallel): the packed tensors become
+        # DTensors sharded on dim 0 and this moves each assignment to the rank holding its expert.
+        self.exchange = None
 
     def extra_repr(self) -> str:
         e, rows, d = self.w_in.shape
@@ -142,6 +145,8 @@ class PackedExperts(nn.Module):
             return self.forward_all(x_TD)
         # Read once: under a peft adapter each read of a weight computes W + ΔW afresh.
         tensors = (self.w_in, self.b_in, self.w_out, self.b_out)
+        if self.exchange is not None:
+            return self._forward_parallel(x_TD, expert_idx_TK, weights_TK, tensors)
         needs_grad = expert_loop.wants_grad(x_TD, weights_TK, *tensors)
         split = self._splits_gate_up(x_TD, needs_grad)
         loops = self._runs_expert_by_expert(x_TD, tensors, None)  # the CPU loop may run this call
@@ -158,17 +163,41 @@ class PackedExperts(nn.Module):
         # index_select, not x_TD[token_A]: its backward is a row-wise index_add_, where advanced
         # indexing's is an element-wise scatter (1.5x slower on CPU at 4096 tokens).
         x_AD = x_TD.index_select(0, token_A)
-        w_in, b_in, w_out, b_out = tensors
         if expert_by_expert:
-            y_AD = expert_loop.run(x_AD, w_in, b_in, w_out, b_out, counts_E, self._activation)
+            y_AD = self._finish(expert_loop.run(x_AD, *tensors, counts_E, self._activation))
         else:
-            project = partial(self._project, expert_A=expert_A, counts_E=counts_E)
-            h_AI = self._activated(x_AD, w_in, b_in, project, split)
-            y_AD = self._project(h_AI, w_out, b_out, expert_A, counts_E)
-        y_AD = self._finish(y_AD)
+            y_AD = self.run_sorted(x_AD, expert_A, counts_E, tensors, split)
+        return self._combine(x_TD, y_AD, token_A, weight_A1), counts_E
+
+    def run_sorted(
+        self, x_AD: Tensor, expert_A: Tensor, counts_E: Tensor, tensors: tuple[Tensor | None, ...], split: bool = False
+    ) -> Tensor:
+        """The experts' outputs y_AD for assignments sorted by expert (`expert_A` of each, `counts_E`
+        per expert), grouped: one product per projection. `tensors` = (w_in, b_in, w_out, b_out),
+        whose dim 0 indexes the experts that `expert_A` names."""
+        w_in, b_in, w_out, b_out = tensors
+        project = partial(self._project, expert_A=expert_A, counts_E=counts_E)
+        h_AI = self._activated(x_AD, w_in, b_in, project, split)
+        return self._finish(self._project(h_AI, w_out, b_out, expert_A, counts_E))
+
+    @staticmethod
+    def _combine(x_TD: Tensor, y_AD: Tensor, token_A: Tensor, weight_A1: Tensor) -> Tensor:
+        """Each token's weighted sum of its assignments' outputs."""
         y_TD = y_AD.new_zeros(x_TD.shape[0], y_AD.shape[-1])
         # index_add_ keeps one dtype end to end (an fp32 buffer filled by bf16 slices fails under autocast).
-        return y_TD.index_add_(0, token_A, y_AD * weight_A1.to(y_AD.dtype)), counts_E
+        return y_TD.index_add_(0, token_A, y_AD * weight_A1.to(y_AD.dtype))
+
+    def _forward_parallel(
+        self, x_TD: Tensor, expert_idx_TK: Tensor, weights_TK: Tensor, tensors: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """Expert parallelism: the assignments travel to the ranks holding their experts
+        (`self.exchange`, a moeify.distributed.TokenExchange), run there on the grouped path over
+        the local shard, and come back. The counts returned are this rank's routing choices."""
+        order_A, token_A, _, counts_E = sort_by_expert(expert_idx_TK, self.num_experts)
+        weight_A1 = weights_TK.reshape(-1)[order_A].unsqueeze(-1)
+        local = tuple(self.exchange.local(t) for t in tensors)
+        y_AD = self.exchange(x_TD.index_select(0, token_A), counts_E, partial(self.run_sorted, tensors=local))
+        return self._combine(x_TD, y_AD, token_A, weight_A1), counts_E
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every token through every expert, summed: how shared experts run."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -31,14 +32,34 @@ def token_sum(values_T: Tensor, keep_T: Tensor | None) -> Tensor:
     return (values_T * keep.reshape(-1, *([1] * (values_T.dim() - 1)))).sum(0)
 
 
-def balance_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int, keep_T: Tensor | None = None) -> Tensor:
+def balance_loss(
+    probs_TE: Tensor,
+    tokens_per_expert_E: Tensor,
+    top_k: int,
+    keep_T: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
     """Switch/GShard load balancing: E * sum_e f_e * P_e, where f_e is the share of the counted
     tokens' K assignments that went to expert e and P_e its mean router probability over them.
-    Equals 1 when balanced. `tokens_per_expert_E` counts the same tokens `keep_T` keeps."""
+    Equals 1 when balanced. `tokens_per_expert_E` counts the same tokens `keep_T` keeps.
+
+    With a process `group` (expert parallelism) f_e and P_e are those of the global batch, all
+    ranks' tokens together: one all-reduce of the counts (no gradient flows through counts), and
+    each rank's loss is G * E * sum_e f_e * (this rank's probability sum / global tokens), so that
+    the mean over the G ranks (what data parallelism averages) is the global batch's loss and its
+    gradient, whatever each rank's share of the tokens (an empty rank included)."""
     num_experts = probs_TE.shape[1]
-    count = token_count(probs_TE.shape[0], keep_T)
-    share_E = tokens_per_expert_E.float() / (count * top_k)
-    return num_experts * (share_E * (token_sum(probs_TE, keep_T) / count)).sum()
+    if group is None:
+        count = token_count(probs_TE.shape[0], keep_T)
+        share_E = tokens_per_expert_E.float() / (count * top_k)
+        return num_experts * (share_E * (token_sum(probs_TE, keep_T) / count)).sum()
+    local = keep_T.sum() if keep_T is not None else torch.tensor(probs_TE.shape[0])
+    totals = torch.cat([tokens_per_expert_E, local.to(tokens_per_expert_E).reshape(1)])
+    dist.all_reduce(totals, group=group)
+    count = totals[-1].clamp_min(1).float()
+    share_E = totals[:-1].float() / (count * top_k)
+    ranks = dist.get_world_size(group)
+    return num_experts * ranks * (share_E * (token_sum(probs_TE, keep_T) / count)).sum()
 
 
 def z_loss(logits_TE: Tensor, keep_T: Tensor | None = None) -> Tensor:

@@ -178,7 +178,7 @@ class MoeLayer(nn.Module):
             return y_TD.reshape(*batch_shape, y_TD.shape[-1])
         entropy_T = losses.entropy(probs_TE)
         layer_losses = {
-            "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k, keep_T),
+            "balance": losses.balance_loss(probs_TE, tokens_per_expert_E, self.top_k, keep_T, self._batch_group()),
             "z_loss": losses.z_loss(logits_TE, keep_T),
             "entropy": losses.entropy_bonus(entropy_T, self.num_experts, keep_T),
         }
@@ -223,6 +223,12 @@ class MoeLayer(nn.Module):
                 "moeify.set_routing(model).step() after each optimizer step",
                 stacklevel=3,
             )
+
+    def _batch_group(self) -> torch.distributed.ProcessGroup | None:
+        """The ranks whose batches form one global batch for the balance loss: under expert
+        parallelism (moeify.distributed) every rank's; otherwise this process's batch alone."""
+        exchange = getattr(self.experts, "exchange", None)
+        return None if exchange is None else exchange.batch_group
 
     def _keep_T(self, batch_shape: torch.Size, device: torch.device) -> Tensor | None:
         if self.token_mask is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
@@ -65,11 +66,22 @@ def sample_indices(sizes: list[int], sample_size: int, generator: torch.Generato
     return [torch.randint(n, (max(1, round(sample_size * n / total)),), generator=generator) for n in sizes]
 
 
+def _sample(group_EN: Tensor, idx: Tensor) -> Tensor:
+    """[E, m]: the sampled coordinates of every expert of one packed parameter."""
+    if isinstance(group_EN, DTensor):
+        # Expert-parallel (moeify.distributed): sample the local experts, then gather the [E, m]
+        # rows (E · sample_size floats, never the experts themselves). A collective, as the
+        # runner's all-reduce: every rank reads its monitors.
+        local = DTensor.from_local(group_EN.to_local().index_select(1, idx), group_EN.device_mesh, group_EN.placements)
+        return local.full_tensor()
+    return group_EN.index_select(1, idx)
+
+
 def fingerprint(weights: list[Tensor | list[Tensor]], indices: list[Tensor]) -> Tensor:
     """[E, m] fp32: each expert's sampled coordinates (one gather per packed parameter;
     index_select, as advanced indexing is ~50x slower on CPU)."""
     parts = [
-        group.index_select(1, idx) if isinstance(group, Tensor) else torch.stack([t.index_select(0, idx) for t in group])
+        _sample(group, idx) if isinstance(group, Tensor) else torch.stack([t.index_select(0, idx) for t in group])
         for group, idx in zip(weights, indices)
     ]
     return torch.cat(parts, dim=1).float()

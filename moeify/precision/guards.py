@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from moeify.convert import moe_layers
@@ -234,6 +235,8 @@ class StochasticRounding(ShadowOptimizer):
         return self._generators[key]
 
     def _write_back(self, param: Tensor, shadow: Tensor) -> None:
+        if isinstance(param, DTensor):  # a sharded expert (moeify.distributed): each rank rounds its own shard
+            param, shadow = param.to_local(), shadow.to_local()
         param.copy_(stochastic_round_to_bf16(shadow, self._generator(shadow.device)))
 
     def _extra_state(self) -> dict[Any, Tensor]:

@@ -1,7 +1,8 @@
 """FSDP2 on two gloo ranks (launched by tests/test_distributed.py:
 torchrun --nproc_per_node 2 fsdp2_scenario.py OUT): `fully_shard` on every MoE layer and the root
 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); routers first get their own fp32
-units (`moeify.integrations.accelerate.shard_routers`). Writes OUT/rank<r>.pt."""
+units (`moeify.integrations.accelerate.shard_routers`). Writes OUT/rank<r>.pt, and the sharded
+model's `moeify.save_pretrained` (before training) to OUT/pretrained."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def main() -> None:
     assert world == 2, f"expected 2 ranks, got {world}"
     mesh = init_device_mesh("cpu", (world,))
     model = shard(build("llama"), mesh, routers=True)
+    moeify.save_pretrained(model, out / "pretrained")  # every rank: gathers the shards, rank 0 writes
     layer = moeify.moe_layers(model)[0][1]
     seen: dict[str, str] = {}
     layer.router.register_forward_pre_hook(lambda m, a: seen.update(router=str(m.gate.weight.dtype)))
@@ -72,6 +74,7 @@ def main() -> None:
         "forward_dtypes": seen,
         "losses": losses,
         "router_in_bf16_unit": without_router_units(mesh, rank),
+        "out": str(out),
     }
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
