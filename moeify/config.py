@@ -18,7 +18,9 @@ from moeify.layers.scoring import SCORES
 
 # 2: aux_loss_in_output (version-1 configs read as True, the default).
 # 3: router_score and balance_bias_rate (older configs read as "softmax" and 0: what they did).
-CONFIG_VERSION = 3
+# 4: the upcycling recipes: granularity, normalize_topk, router_init, reinit_fraction, experts_from
+#    (older configs read as 1, True, "random", 0, None: plain clones).
+CONFIG_VERSION = 4
 MAX_SEED = 2**43
 
 ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_router` adds more
@@ -30,6 +32,8 @@ ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_route
 #               model stays exactly dense-equivalent, and the output projection gets a full-size
 #               gradient (dL/dy ⊗ act(h)) from step one.
 SHARED_INITS = ("noise", "zero_out")
+# How the routers start (Law 3 is "random"; the others read `calibration_inputs` given to moeify()).
+ROUTER_INITS = ("random", "prompts", "kmeans")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -109,6 +113,21 @@ class MoeifyConfig:
         verify: run the identity check (dense FFN vs MoE layer) on every converted layer.
         verify_tolerance: allowed max |dense - moe| relative to the dense output scale.
         seed: makes the random parts of the conversion (routers, shared noise) reproducible.
+        granularity: fine-grained experts: each routed expert is a 1/granularity slice of the
+            FFN's intermediate dimension, so `num_experts` counts slices (a multiple of it), and
+            so does `top_k`. 1: whole-FFN clones.
+        normalize_topk: renormalise the chosen experts' weights to sum to 1 (what keeps clones
+            equal to the dense FFN); False: the raw scores, as some MoE families do.
+        router_init: "random" (Law 3), "prompts" (each expert's router row from the mean hidden
+            state of its calibration prompts) or "kmeans" (router rows = k-means centroids of
+            the FFN inputs of a calibration batch); the latter two need `calibration_inputs`.
+        reinit_fraction: Drop-Upcycling: for every routed expert, this fraction of its
+            intermediate neurons is re-initialised from the FFN's weight statistics (a different
+            random subset per expert). Breaks Law 1 by design: the deviation from dense is
+            measured and reported instead of checked. 0 = off.
+        experts_from: where each routed expert's weights came from when `moeify(...,
+            experts_from=[...])` took them from several checkpoints (their names, recorded for
+            the model card and the saved recipe); None: clones of the model's own FFN.
     """
 
     num_experts: int = 8
@@ -134,6 +153,11 @@ class MoeifyConfig:
     verify: bool = True
     verify_tolerance: float = 1e-5
     seed: int = 0
+    granularity: int = 1
+    normalize_topk: bool = True
+    router_init: str = "random"
+    reinit_fraction: float = 0.0
+    experts_from: tuple[str, ...] | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -178,7 +202,30 @@ class MoeifyConfig:
                 _is_finite(value) and value >= 0,
                 f"{name} must be a finite number >= 0, got {value!r}",
             )
-        for name in ("verify", "aux_loss_in_output"):
+        _check(
+            _is_int(self.granularity) and self.granularity >= 1,
+            f"granularity must be an int >= 1, got {self.granularity!r}",
+        )
+        _check(
+            self.num_experts % self.granularity == 0 and self.top_k % self.granularity == 0,
+            f"granularity={self.granularity}: num_experts ({self.num_experts}) and top_k ({self.top_k}) must be "
+            "multiples of it (each copy of the FFN is cut into granularity experts, and a token takes whole copies "
+            f"at conversion), e.g. num_experts={self.granularity * max(1, self.num_experts // self.granularity)}, "
+            f"top_k={self.granularity * max(1, self.top_k // self.granularity)}",
+        )
+        _check(self.router_init in ROUTER_INITS, f"router_init must be one of {ROUTER_INITS}, got {self.router_init!r}")
+        _check(
+            _is_finite(self.reinit_fraction) and 0 <= self.reinit_fraction < 1,
+            f"reinit_fraction must be a number in [0, 1), got {self.reinit_fraction!r}",
+        )
+        if self.experts_from is not None:
+            names = self.experts_from
+            _check(
+                isinstance(names, (list, tuple)) and len(names) >= 1 and all(isinstance(n, str) for n in names),
+                f"experts_from must be None or a non-empty list of source names, got {names!r}",
+            )
+            object.__setattr__(self, "experts_from", tuple(names))
+        for name in ("verify", "aux_loss_in_output", "normalize_topk"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "target_modules", _as_pattern_list("target_modules", self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_pattern_list("exclude_modules", self.exclude_modules))
@@ -198,6 +245,12 @@ class MoeifyConfig:
             f"up to {CONFIG_VERSION}: upgrade it (pip install -U moeify)",
         )
 
+    @property
+    def preserves_function(self) -> bool:
+        """Whether the converted model reproduces the dense one (checked at conversion), or the
+        recipe departs from it by design (measured and reported instead)."""
+        return self.reinit_fraction == 0 and self.experts_from is None
+
     def replace(self, **overrides: Any) -> MoeifyConfig:
         """A copy with some fields changed (validated again); unknown names are refused."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
@@ -210,7 +263,7 @@ class MoeifyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("target_modules", "exclude_modules", "layers"):
+        for key in ("target_modules", "exclude_modules", "layers", "experts_from"):
             if isinstance(data[key], tuple):
                 data[key] = list(data[key])
         return data
