@@ -112,9 +112,14 @@ def _site_lines(report) -> list[str]:  # noqa: ANN001 - an FFNReport
 
 def _describe(config: MoeifyConfig) -> str:
     layers = "all layers" if config.layers is None else f"layers {','.join(map(str, config.layers))}"
+    departs = ""  # recipes whose experts are not clones of the dense FFN (moeify.recipes)
+    if config.experts_from is not None:
+        departs += f", experts from {', '.join(config.experts_from)} (rest: {config.experts_from_rest})"
+    if config.reinit_fraction:
+        departs += f", {config.reinit_fraction:g} of each expert's neurons re-initialised"
     return (
         f"{config.num_experts} experts, top-{config.top_k}, {config.num_shared_experts} shared, "
-        f"{config.router} router, {layers}, seed {config.seed}"
+        f"{config.router} router, {layers}, seed {config.seed}{departs}"
     )
 
 

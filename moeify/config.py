@@ -18,8 +18,8 @@ from moeify.layers.scoring import SCORES
 
 # 2: aux_loss_in_output (version-1 configs read as True, the default).
 # 3: router_score and balance_bias_rate (older configs read as "softmax" and 0: what they did).
-# 4: the upcycling recipes: granularity, normalize_topk, router_init, reinit_fraction, experts_from
-#    (older configs read as 1, True, "random", 0, None: plain clones).
+# 4: the upcycling recipes: granularity, normalize_topk, router_init, reinit_fraction, experts_from,
+#    experts_from_rest (older configs read as 1, True, "random", 0, None, "base": plain clones).
 CONFIG_VERSION = 4
 MAX_SEED = 2**43
 
@@ -34,6 +34,8 @@ ROUTER_KINDS = ("linear", "mlp", "cross_attention")  # built in; `register_route
 SHARED_INITS = ("noise", "zero_out")
 # How the routers start (Law 3 is "random"; the others read `calibration_inputs` given to moeify()).
 ROUTER_INITS = ("random", "prompts", "kmeans")
+# With experts_from: the non-FFN weights from the base model, or averaged over the sources.
+EXPERTS_FROM_REST = ("base", "average")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -127,7 +129,11 @@ class MoeifyConfig:
             measured and reported instead of checked. 0 = off.
         experts_from: where each routed expert's weights came from when `moeify(...,
             experts_from=[...])` took them from several checkpoints (their names, recorded for
-            the model card and the saved recipe); None: clones of the model's own FFN.
+            the model card and the saved recipe); None: clones of the model's own FFN. Routed
+            expert i comes from source i % len(experts_from): num_experts is a multiple of it.
+        experts_from_rest: with experts_from, where everything outside the converted FFNs comes
+            from: "base" (the model converted, as mergekit-moe does) or "average" (the mean over
+            the sources, as Branch-Train-MiX does).
     """
 
     num_experts: int = 8
@@ -158,6 +164,7 @@ class MoeifyConfig:
     router_init: str = "random"
     reinit_fraction: float = 0.0
     experts_from: tuple[str, ...] | None = None
+    experts_from_rest: str = "base"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -225,6 +232,19 @@ class MoeifyConfig:
                 f"experts_from must be None or a non-empty list of source names, got {names!r}",
             )
             object.__setattr__(self, "experts_from", tuple(names))
+            _check(
+                self.num_experts % len(names) == 0,
+                f"num_experts={self.num_experts} must be a multiple of the {len(names)} experts_from sources "
+                f"(routed expert i comes from source i % {len(names)}), e.g. num_experts={len(names)}",
+            )
+        _check(
+            self.experts_from_rest in EXPERTS_FROM_REST,
+            f"experts_from_rest must be one of {EXPERTS_FROM_REST}, got {self.experts_from_rest!r}",
+        )
+        _check(
+            self.experts_from_rest == "base" or self.experts_from is not None,
+            f"experts_from_rest={self.experts_from_rest!r} averages the sources of experts_from, and none are given",
+        )
         for name in ("verify", "aux_loss_in_output", "normalize_topk"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "target_modules", _as_pattern_list("target_modules", self.target_modules))
@@ -249,7 +269,10 @@ class MoeifyConfig:
     def preserves_function(self) -> bool:
         """Whether the converted model reproduces the dense one (checked at conversion), or the
         recipe departs from it by design (measured and reported instead)."""
-        return self.reinit_fraction == 0 and self.experts_from is None
+        # Raw top-k scores (normalize_topk=False) scale clones by the chosen scores' sum, which
+        # varies per token; only softmax scores all taken (top_k == num_experts) sum to 1.
+        raw_scores_sum_to_one = self.router_score == "softmax" and self.top_k == self.num_experts
+        return self.reinit_fraction == 0 and self.experts_from is None and (self.normalize_topk or raw_scores_sum_to_one)
 
     def replace(self, **overrides: Any) -> MoeifyConfig:
         """A copy with some fields changed (validated again); unknown names are refused."""

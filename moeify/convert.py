@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from moeify.config import MoeifyConfig, recipe
 from moeify.layers.moe import MoeLayer, require_graph, total_aux_loss
 from moeify.layers.routers import ConditioningContext
+from moeify.recipes import reinit, router_init, sources
 from moeify.surgery import apply, hooks, verify
 from moeify.surgery.find import FFNSite
 from moeify.surgery.plan import ConversionError, ConversionPlan, plan_conversion
@@ -24,9 +25,17 @@ def _layer_dtype_device(model: nn.Module, site: FFNSite) -> tuple[torch.dtype, t
     return param.dtype, param.device
 
 
-def _build_and_check(model: nn.Module, plan: ConversionPlan) -> tuple[list[MoeLayer], list[nn.Parameter]]:
+def _build_and_check(
+    model: nn.Module,
+    plan: ConversionPlan,
+    picked: sources.Sources | None = None,
+    deviation: dict | None = None,
+    router_rows: dict[str, Tensor] | None = None,
+) -> tuple[list[MoeLayer], list[nn.Parameter]]:
     """Build and check every layer, one at a time; each checked dense FFN then shares expert 0's
-    storage, so peak memory is the final size plus one FFN. On failure the sharing is undone."""
+    storage, so peak memory is the final size plus one FFN. On failure the sharing is undone.
+    Recipes that depart from the dense FFN (`picked` sources, reinit_fraction) change the experts
+    first; their layers are measured into `deviation["layers"]` instead of checked."""
     config = plan.config
     layers: list[MoeLayer] = []
     shared_params: list[nn.Parameter] = []
@@ -35,10 +44,18 @@ def _build_and_check(model: nn.Module, plan: ConversionPlan) -> tuple[list[MoeLa
     try:
         for index, site in enumerate(plan.sites):
             layer, weights = apply.build_layer(model, site, index, plan)
+            if router_rows is not None:  # router_init from data, set before the identity check
+                router_init.set_rows(layer.router, router_rows[site.name])
+            if picked is not None:
+                picked.take_experts(layer, site.name)
+            if config.reinit_fraction:
+                reinit.reinit_experts(layer.experts, config.reinit_fraction, reinit.layer_seed(config.seed, index))
             if context is not None:
                 layer.router.context = context
             if config.verify:
-                _check(model, site, index, layer, plan, context)
+                error = _check(model, site, index, layer, plan, context)
+                if deviation is not None:
+                    deviation["layers"][site.name] = error
             if weights is not None:
                 shared_params += apply.share_storage(layer.experts, weights)
             layers.append(layer)
@@ -50,20 +67,47 @@ def _build_and_check(model: nn.Module, plan: ConversionPlan) -> tuple[list[MoeLa
 
 def _check(
     model: nn.Module, site: FFNSite, index: int, layer: MoeLayer, plan: ConversionPlan, context: ConditioningContext | None
-) -> None:
+) -> float:
     dense = model.get_submodule(site.name)
     dtype, device = _layer_dtype_device(model, site)
-    verify.check_layer(
+    return verify.check_layer(
         site.name,
         site.layout.chain(dense) if site.layout else [dense],
         layer,
         in_features=site.in_features or apply._generic_hidden_size(dense),
         dtype=dtype,
         device=device,
-        tolerance=plan.config.verify_tolerance,
+        # A recipe that departs from the dense FFN by design is measured, not checked.
+        tolerance=plan.config.verify_tolerance if plan.config.preserves_function else None,
         seed=plan.config.seed + index,
         conditioning=(context, plan.conditioning.dim) if context is not None else None,
     )
+
+
+def _check_converted(
+    model: nn.Module,
+    example_inputs: Any,
+    dense_outputs: list[Tensor],
+    config: MoeifyConfig,
+    picked: sources.Sources | None,
+    deviation: dict | None,
+) -> None:
+    """The converted model on example_inputs: checked against the dense one, or measured."""
+    try:
+        converted = verify.run_model(model, example_inputs)
+    except Exception as error:
+        raise ConversionError(
+            f"the converted {type(model).__name__} fails on example_inputs ({type(error).__name__}: {error}); "
+            "its code may read something of a module moeify replaced. The model was left unchanged: leave "
+            "that FFN out with exclude_modules (find_ffns(model) lists the sites)"
+        ) from error
+    if deviation is None:
+        dtype = next(model.parameters()).dtype
+        verify.check_model(dense_outputs, converted, config.verify_tolerance, dtype)
+        return
+    deviation["model"] = verify.model_deviation(dense_outputs, converted)
+    if picked is not None:
+        deviation["sources"] = picked.deviation(converted)
 
 
 def moeify(
@@ -71,6 +115,8 @@ def moeify(
     config: MoeifyConfig | None = None,
     *,
     example_inputs: Any = None,
+    calibration_inputs: Any = None,
+    experts_from: list[nn.Module] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Convert every FFN of `model` into router + routed experts + shared experts, in place.
@@ -83,14 +129,32 @@ def moeify(
             whole converted model must reproduce the dense model's outputs. Blocks that cannot run
             alone (they need a timestep embedding, rotary embeddings) are traced for FFNs on the
             inputs they receive in a forward of them.
+        calibration_inputs: what `router_init` other than "random" reads (moeify.recipes.router_init):
+            for "kmeans" a batch (as example_inputs) or a list of batches, whose FFN inputs are
+            clustered into the router rows; for "prompts" a list with one entry per routed expert
+            (per copy of the FFN when granularity > 1), each one batch or a list of batches of
+            that expert's prompts. The dense model runs on them before anything changes.
+        experts_from: models of `model`'s architecture (Branch-Train-MiX): routed expert i of
+            every FFN is model i % n's FFN, bit for bit (moeify.recipes.sources); their names go
+            into `config.experts_from`. Such recipes (and `reinit_fraction`) depart from the dense
+            model by design: the deviation is measured and kept in `model.moeify_state.deviation`
+            (per layer; on example_inputs, the whole model and each source) instead of checked.
 
     Returns the same `model` object. Raises `ConversionError` (a ValueError) with what was wrong
     and what to do; the model is then untouched.
     """
+    source_models, overrides = sources.split_keyword(experts_from, overrides)
     config = recipe(config, overrides, "moeify")
+    router_init.check(config, calibration_inputs)
+    sources.check_given(config, source_models)
     started = time.perf_counter()
     plan = plan_conversion(model, config, example_inputs)
-    layers, shared_params = _build_and_check(model, plan)
+    reinit.check_sites(plan)
+    picked = sources.prepare(model, plan, source_models) if source_models is not None else None
+    calibrated = router_init.compute(model, plan, calibration_inputs)
+    deviation = None if config.preserves_function else {"layers": {}, "model": None}
+    rows = calibrated.rows() if calibrated is not None else None
+    layers, shared_params = _build_and_check(model, plan, picked, deviation, rows)
     try:
         try:
             dense_outputs = verify.run_model(model, example_inputs) if example_inputs is not None else None
@@ -100,6 +164,8 @@ def moeify(
                 "what model(**example_inputs) (a dict), model(*example_inputs) (a tuple) or model(example_inputs) "
                 "accepts. The model was left unchanged"
             ) from error
+        if picked is not None and dense_outputs is not None:
+            picked.run(model, example_inputs, dense_outputs)
     except BaseException:
         apply.unshare(shared_params)
         raise
@@ -107,22 +173,17 @@ def moeify(
     if plan.conditioning is not None:
         hooks.attach_conditioning(model, layers, plan.conditioning.arg)
     hooks.attach_token_mask(model, layers)
-    if dense_outputs is not None:
-        try:
-            try:
-                converted = verify.run_model(model, example_inputs)
-            except Exception as error:
-                raise ConversionError(
-                    f"the converted {type(model).__name__} fails on example_inputs ({type(error).__name__}: {error}); "
-                    "its code may read something of a module moeify replaced. The model was left unchanged: leave "
-                    "that FFN out with exclude_modules (find_ffns(model) lists the sites)"
-                ) from error
-            dtype = next(model.parameters()).dtype
-            verify.check_model(dense_outputs, converted, config.verify_tolerance, dtype)
-        except BaseException:
-            apply.undo(swaps)  # the conditioning hook (if new) stays: it only records an argument
-            apply.unshare(shared_params)
-            raise
+    try:
+        if picked is not None and config.experts_from_rest == "average":
+            picked.average_rest()
+        if dense_outputs is not None:
+            _check_converted(model, example_inputs, dense_outputs, config, picked, deviation)
+    except BaseException:
+        if picked is not None:
+            picked.undo()
+        apply.undo(swaps)  # the conditioning hook (if new) stays: it only records an argument
+        apply.unshare(shared_params)
+        raise
     for index, layer in enumerate(layers):
         apply.init_shared_for_training(layer, config, index)
     hooks.attach_output_loss(model, config.aux_loss_in_output)
@@ -131,6 +192,9 @@ def moeify(
     state.captured.update(plan.report.captured)
     state.report = plan.report
     state.seconds = time.perf_counter() - started
+    state.router_init = calibrated.summary() if calibrated is not None else None
+    if deviation is not None:
+        state.deviation = deviation
     if state.routing is not None:  # a second conversion: the routing control sees its layers too
         state.routing.layers = moe_layers(model)
     model.moeify_state = state
@@ -149,6 +213,14 @@ class MoeifyState:
         self.captured: dict = {}
         # The routing settings over training (moeify.control.RoutingControl), once set_routing made it.
         self.routing = None
+        # The last conversion that departs from the dense model by design (not preserves_function):
+        # max |moe - dense| / dense scale per layer ("layers", on the identity check's random tokens;
+        # measured when verify=True), of the whole model on example_inputs ("model", else None) and,
+        # with experts_from, from each source ("sources"); all at conversion, before the shared
+        # experts' training init (as the identity check).
+        self.deviation: dict | None = None
+        # router_init from data: tokens, row scale (and k-means steps) per layer of the last conversion.
+        self.router_init: dict | None = None
 
     @property
     def config(self) -> MoeifyConfig:
@@ -185,7 +257,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
     layer its router and shared experts, and top_k of its E routed experts), and those of the
-    dense model it was converted from (the routed experts are clones of its FFN: one per layer)."""
+    dense model it was converted from (the routed experts are clones of its FFN: one per layer;
+    with granularity G, G experts are its slices, each with the whole output bias)."""
     total = sum(p.numel() for p in model.parameters())
     active = dense = total
     for _, layer in moe_layers(model):
@@ -193,7 +266,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         routed = sum(p.numel() for p in layer.experts.parameters())
         per_expert = routed // layer.num_experts
         active -= routed - layer.top_k * per_expert
-        dense -= in_layer - per_expert
+        slices = getattr(layer, "granularity", 1)
+        b_out = getattr(layer.experts, "b_out", None)
+        dense_ffn = slices * per_expert - (slices - 1) * (b_out.shape[-1] if b_out is not None else 0)
+        dense -= in_layer - dense_ffn
     return {"total": total, "active_per_token": active, "dense": dense}
 
 

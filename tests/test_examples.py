@@ -29,6 +29,14 @@ QUICK: dict[str, tuple[list[str], str]] = {
     "train_llm_moe.py": (["--max-steps", "2", "--out", OUT], r"final_loss=[0-9.]+ steps=2 "),
     "lora_experts.py": (["--steps", "2", "--out", OUT], r"\[full\] reloaded adapter: max \|diff\| 0 "),
     "publish.py": (["--steps", "2", "--out", OUT], r"no token or endpoint: wrote the \d+ files a push would commit"),
+    "recipe_router_init.py": ([], r"routing agreement with the domains at init: prompts [0-9.]+, random [0-9.]+"),
+    "recipe_experts_from.py": ([], r"whole model vs source demo/code: \S+ of scale\nreload identical: True"),
+    "recipe_drop_upcycling.py": ([], r"neurons re-initialised per expert: \[64, 64, 64, 64\] of 128"),
+    "recipe_fine_grained.py": (
+        ["--steps", "2"],
+        r"identity at conversion: max \|moe - dense\| = \S+ of the logit scale\n.*\n.*"
+        r"\nparameters: dense 106,816, MoE total 156,992, active per token 107,840",
+    ),
 }
 # Examples planned but not written yet: skipped while absent; once a script exists it needs a QUICK row.
 PLANNED: dict[str, str] = {}

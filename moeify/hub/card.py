@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from moeify.convert import moe_layers, parameter_counts
+from moeify.recipes.router_init import describe as describe_router_init
 
 TEMPLATE = "model_card.md.j2"
 DIAGNOSTICS = "diagnostics"
@@ -160,6 +161,16 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def _deviation(deviation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """max |moe - dense| / dense scale, to 4 significant digits (model.moeify_state.deviation)."""
+    if not deviation:
+        return None
+    return {
+        key: {k: _round(float(v)) for k, v in value.items()} if isinstance(value, dict) else _round(value)
+        for key, value in plain(deviation).items()
+    }
+
+
 def conversion(model: nn.Module) -> dict[str, Any]:
     """What the card says about the conversion (template variables)."""
     from moeify import __version__
@@ -178,12 +189,15 @@ def conversion(model: nn.Module) -> dict[str, Any]:
         "base": base,
         "recipes": [plain(config.to_dict()) for config in state.conversions],
         "routing": state.routing.changes(state.config) if getattr(state, "routing", None) is not None else None,
+        # Recipes that depart from the dense model by design (experts_from, reinit_fraction): measured.
+        "deviation": _deviation(getattr(state, "deviation", None)),
         "layers": layers,
         "skipped": skipped,
         "parameters": counts,
         "parameters_text": {k: human(v) for k, v in counts.items()},
         "active_percent": f"{100 * counts['active_per_token'] / counts['total']:.1f}" if counts["total"] else "0",
         "distinct": {key: sorted({row[key] for row in layers}) for key in ("experts", "top_k", "shared", "router")},
+        "router_init": list(dict.fromkeys(describe_router_init(c.router_init) for c in state.conversions)),
     }
 
 
@@ -359,6 +373,7 @@ def model_card(
         "base": info["base"],
         "recipes": info["recipes"],
         **({"routing": info["routing"]} if info["routing"] else {}),
+        **({"deviation": info["deviation"]} if info["deviation"] else {}),
         "moe_layers": len(info["layers"]),
         "skipped_sites": len(info["skipped"]),
         "parameters": info["parameters"],

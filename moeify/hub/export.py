@@ -6,7 +6,11 @@ Check everything (moeify.hub.export_formats: what each format can hold and every
 write: the checkpoint goes to a temporary sibling directory, is reloaded
 with plain transformers and compared, and only then moved into place; a refused or failed export
 leaves no directory behind. Routing is softmax → top-k → renormalise in moeify and in all three
-targets (`norm_topk_prob=True`). What maps, exactly:
+targets (`norm_topk_prob=True`); a model converted with normalize_topk=False keeps the raw
+probabilities, which the Qwen formats write as `norm_topk_prob=False` and Mixtral (always
+renormalising) refuses. Fine-grained experts (granularity G) are experts of width I / G
+(`moe_intermediate_size`, Mixtral's `intermediate_size`); their w_out scaling by G is just
+weights. What maps, exactly:
   router gate.weight       → mlp.gate.weight / router_temperature (powers of two only: exact)
   experts w_in [E, 2I, D]  → mlp.experts.gate_up_proj (both [gate; up]); w_out → down_proj
   S shared experts         → Qwen2-MoE's one shared_expert of width S·I (a sum of S MLPs is one
@@ -101,11 +105,11 @@ def _target_config(
     if fmt == "mixtral":
         fields |= {"intermediate_size": shape.intermediate_size, "router_jitter_noise": 0.0}
     else:
-        fields |= {"moe_intermediate_size": shape.intermediate_size, "norm_topk_prob": True}
+        fields |= {"moe_intermediate_size": shape.intermediate_size, "norm_topk_prob": shape.normalize_topk}
         # Every layer sparse except the dense ones, which keep the base's MLP width.
         fields |= {"decoder_sparse_step": 1, "mlp_only_layers": dense, "intermediate_size": base.intermediate_size}
     if fmt == "qwen2_moe":
-        fields["shared_expert_intermediate_size"] = max(shape.num_shared, 1) * shape.intermediate_size
+        fields["shared_expert_intermediate_size"] = max(shape.num_shared, 1) * shape.shared_intermediate_size
     if target.bias_field is not None:
         keys = model.state_dict().keys()
         fields[target.bias_field] = any(k.endswith("self_attn.q_proj.bias") for k in keys)

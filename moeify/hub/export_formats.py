@@ -56,6 +56,8 @@ class MoeShape:
     intermediate_size: int
     num_shared: int
     temperature: float
+    normalize_topk: bool = True  # the formats' norm_topk_prob (Mixtral always renormalises)
+    shared_intermediate_size: int = 0  # a shared expert's width: the whole FFN's, also when routed ones are slices
 
 
 def refuse(fmt: str, reason: str) -> ExportError:
@@ -132,6 +134,12 @@ def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeSh
             f"{name} has a nonzero expert bias (balance_bias_rate): it changes which experts are chosen, and the "
             "native routers choose by the router's probabilities alone",
         )
+    if not layer.normalize_topk and fmt == "mixtral":
+        raise refuse(
+            fmt,
+            f"{name} weighs the chosen experts by their raw probabilities (normalize_topk=False) and Mixtral always "
+            "renormalises them; use format='qwen2_moe' / 'qwen3_moe' (norm_topk_prob=False)",
+        )
     mantissa, _ = math.frexp(layer.temperature)
     if mantissa != 0.5:
         raise refuse(
@@ -139,7 +147,11 @@ def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeSh
             f"{name} has router_temperature={layer.temperature}; the native routers have no temperature and "
             "only a power of two folds exactly into the router weight",
         )
-    return MoeShape(layer.num_experts, layer.top_k, layer.experts.w_out.shape[-1], num_shared, layer.temperature)
+    width = layer.experts.w_out.shape[-1]  # fine-grained experts (granularity G): I / G
+    shared_width = layer.shared_experts.w_out.shape[-1] if layer.shared_experts is not None else width
+    return MoeShape(
+        layer.num_experts, layer.top_k, width, num_shared, layer.temperature, layer.normalize_topk, shared_width
+    )
 
 
 def check_shapes(fmt: str, base_config: PretrainedConfig, layers: dict[int, MoeLayer]) -> tuple[MoeShape, list[int]]:

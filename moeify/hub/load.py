@@ -165,13 +165,16 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
     _restore_captured(model, record)
     for config in configs:
         try:
-            moeify(model, config.replace(verify=False))
+            # Routers initialised from data are rebuilt random: their weights come from the file.
+            moeify(model, config.replace(verify=False, router_init="random"))
         except ConversionError as error:
             raise CheckpointError(
                 f"the saved recipe does not apply to the rebuilt {type(model).__name__} (is it the base model this "
                 f"checkpoint was converted from?): {error}"
             ) from error
     model.moeify_state.conversions = configs  # the recipes as saved (verify included)
+    # The rebuild measured nothing (verify=False, no sources): the deviation is the one saved.
+    model.moeify_state.deviation = record.get("deviation")
     if record.get("routing") is not None:
         try:
             routing_control(model).load_state_dict(record["routing"])

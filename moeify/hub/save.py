@@ -344,7 +344,10 @@ def _write(
             staging,
             filename_pattern=WEIGHTS_PATTERN,
             max_shard_size=shard_size,
-            metadata={"format": "pt", "moeify_version": __version__},
+            # One key: safetensors writes its metadata map in hash order, random per process, so two
+            # keys would make two saves of one model differ in bytes (and checksums). The version is
+            # in moeify_config.json.
+            metadata={"format": "pt"},
         )
         sharded = (staging / WEIGHTS_INDEX).is_file()
         checksums = {path.name: file_checksum(path) for path in sorted(staging.iterdir()) if path.is_file()}
@@ -360,6 +363,8 @@ def _write(
             # Each tensor's dtype as written (safetensors' codes): loading compares the files' headers.
             "dtypes": {key: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in tensors.items()},
             **({"captured": captured} if captured else {}),
+            # How far a recipe that departs from the dense model was from it at conversion (the card's table).
+            **({"deviation": state.deviation} if getattr(state, "deviation", None) else {}),
             # Routing settings changed live or scheduled (moeify.set_routing), the steps counted.
             **({"routing": state.routing.state_dict()} if getattr(state, "routing", None) is not None else {}),
             # CRC32 of every other file and of this record: a flipped byte is refused on load, not

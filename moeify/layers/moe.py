@@ -50,7 +50,9 @@ def _recomputing() -> bool:
 
 class MoeLayer(nn.Module):
     """Token-choice top-k MoE. The top-k weights are renormalised to sum to 1, so while the
-    routed experts are identical clones the layer reproduces the dense FFN exactly (Law 3).
+    routed experts are identical clones the layer reproduces the dense FFN exactly (Law 3);
+    `normalize_topk=False` keeps the raw scores. `granularity` G: each routed expert is a 1/G
+    slice of the FFN (moeify.recipes.granularity; recorded for the repr and the parameter counts).
     Scores, choice and weights: moeify.layers.scoring. The routing settings (loss weights,
     temperature, bias rate) are changed live with `moeify.set_routing`."""
 
@@ -68,6 +70,8 @@ class MoeLayer(nn.Module):
         router_score: str = "softmax",
         balance_bias_rate: float = 0.0,
         calls_per_forward: int = 1,
+        normalize_topk: bool = True,
+        granularity: int = 1,
     ) -> None:
         super().__init__()
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
@@ -77,6 +81,7 @@ class MoeLayer(nn.Module):
         if router_score not in scoring.SCORES:
             raise ValueError(f"router_score must be one of {scoring.SCORES}, got {router_score!r}")
         self.router_score = router_score
+        self.normalize_topk, self.granularity = normalize_topk, granularity
         self.loss_weights = {"balance": balance_loss_weight, "z_loss": z_loss_weight, "entropy": entropy_loss_weight}
         # Routing counts build up on the device across forwards and are read (and reset) by the
         # monitors once per optimizer step: no host sync here. int64: bf16 counts miscount above 256.
@@ -127,9 +132,12 @@ class MoeLayer(nn.Module):
         runs = f", calls_per_forward={self.calls_per_forward}" if self.calls_per_forward > 1 else ""
         score = f", router_score={self.router_score}" if self.router_score != "softmax" else ""
         bias = f", balance_bias_rate={self.balance_bias_rate}" if self.expert_bias is not None else ""
+        recipe = (f", granularity={self.granularity}" if self.granularity > 1 else "") + (
+            "" if self.normalize_topk else ", normalize_topk=False"
+        )
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, shared={shared}, "
-            f"temperature={self.temperature}{score}{bias}{runs}"
+            f"temperature={self.temperature}{score}{bias}{recipe}{runs}"
         )
 
     def enable_bias(self) -> None:
@@ -148,7 +156,7 @@ class MoeLayer(nn.Module):
         logits_TE = self.router(x_TD, batch_shape)
         scores_TE, probs_TE = scoring.scores(logits_TE, self.temperature, self.router_score)
         expert_idx_TK, weights_TK, top_probs_TK1 = scoring.choose(
-            scores_TE, probs_TE, self.top_k, self.expert_bias, with_top=with_top
+            scores_TE, probs_TE, self.top_k, self.expert_bias, with_top=with_top, normalize=self.normalize_topk
         )
         return logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK
 

@@ -17,6 +17,11 @@ routes from logits and must pick the same experts).
            would learn from the router losses alone; the weight there is s / stop_gradient(s):
            exactly 1 in value, the gradient of s (measured on a tiny converted Llama trained on
            its task loss alone: the largest router gradient at conversion went from 0 to 2e-3).
+           `normalize=False` (MoeifyConfig.normalize_topk, Qwen-MoE's norm_topk_prob=False): the
+           raw scores instead. Clones then give (sum of the chosen scores) x dense, a token-
+           dependent factor in [K/E, 1] for softmax (in (0, K) for sigmoid), so no constant
+           rescaling of the experts keeps the dense function; only softmax at K = E (scores summing
+           to 1) does. The deviation is measured and reported, not checked.
 
 Shape legend: T tokens, E experts, K top-k, K1 = min(K + 1, E).
 """
@@ -41,7 +46,13 @@ def scores(logits_TE: Tensor, temperature: float, kind: str) -> tuple[Tensor, Te
 
 
 def choose(
-    scores_TE: Tensor, probs_TE: Tensor, top_k: int, expert_bias_E: Tensor | None, *, with_top: bool = True
+    scores_TE: Tensor,
+    probs_TE: Tensor,
+    top_k: int,
+    expert_bias_E: Tensor | None,
+    *,
+    with_top: bool = True,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(expert_idx_TK, weights_TK, top_probs_TK1). `top_probs_TK1`, the K1 largest routing
     probabilities (for the statistics: max probability, top-k margin), only `with_top`."""
@@ -56,6 +67,8 @@ def choose(
         expert_idx_TK = selection_TE.topk(top_k, dim=-1).indices
         top_scores_TK = scores_TE.gather(1, expert_idx_TK)
         top_probs_TK1 = probs_TE.topk(k1, dim=-1).values if with_top else None
+    if not normalize:
+        return expert_idx_TK, top_scores_TK, top_probs_TK1 if with_top else None
     denominator_TK = top_scores_TK.detach() if top_k == 1 else top_scores_TK.sum(dim=-1, keepdim=True)
     if scores_TE is not probs_TE:
         # Sigmoid scores can underflow to 0 (logits < -88), and 0 / 0 is NaN. (A softmax top score

@@ -4,7 +4,9 @@ Law 1: routed experts are exact clones of the dense FFN (copied into a prealloca
 tensor: faster than deepcopy and no transient extra copy). Law 2: shared experts start at zero;
 they take their training init only after the identity check (`init_shared_for_training`).
 Law 3: only the routers start random (seeded per site, on CPU, so the result does not depend on
-the device or on the caller's RNG state).
+the device or on the caller's RNG state). Fine-grained experts (granularity > 1) are slices of
+the FFN with router rows tied in groups: where they depart from Laws 1 and 3 is said in
+moeify.recipes.granularity.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import RouterSpec, build_router
 from moeify.layers.wiring import AddResidual, ChannelsFirst, Handoff, SplitEntry, SplitExit
+from moeify.recipes import granularity
 from moeify.surgery.find import FFNSite
 from moeify.surgery.plan import ConversionPlan
 
@@ -35,11 +38,11 @@ def seeded(seed: int):  # noqa: ANN201
         yield
 
 
-def _packed(weights: FFNWeights, num_experts: int) -> PackedExperts:
+def _packed(weights: FFNWeights, num_experts: int, intermediate_size: int | None = None) -> PackedExperts:
     experts = PackedExperts(
         num_experts,
         weights.in_features,
-        weights.intermediate_size,
+        intermediate_size or weights.intermediate_size,
         weights.out_features,
         gated=weights.gated,
         # Its own copy: routed and shared experts must not share an activation with parameters
@@ -99,8 +102,13 @@ def share_storage(experts: PackedExperts, weights: FFNWeights) -> list[nn.Parame
             if piece.half is None and piece.groups == 1 and isinstance(piece.param, nn.Parameter):
                 view = packed[0, offset : offset + rows]
                 # Conv1D's [in, out] is the transpose; a 1x1 convolution's [out, in, 1, ...] a view.
-                piece.param.data = view.t() if piece.transposed else view.view(piece.param.shape)
-                shared.append(piece.param)
+                same = view.numel() == piece.param.numel()
+                view = (view.t() if piece.transposed else view.view(piece.param.shape)) if same else view
+                # Only where expert 0 holds the dense values bit for bit: a recipe that changes it
+                # (experts_from, reinit_fraction) must not change the dense model it may hand back.
+                if same and torch.equal(view, piece.param):
+                    piece.param.data = view
+                    shared.append(piece.param)
             offset += rows
     return shared
 
@@ -124,8 +132,12 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
     weights = None
     if site.layout is not None:
         weights = read_weights(module, site.layout)
-        experts = _packed(weights, config.num_experts)
-        _clone_into(experts, weights)
+        experts = _packed(weights, config.num_experts, weights.intermediate_size // config.granularity)
+        if config.granularity > 1:  # slices of the FFN, not clones (moeify.recipes.granularity)
+            granularity.check_weights(site.name, weights, experts, config.granularity)
+            granularity.slice_into(experts, weights, config.granularity)
+        else:
+            _clone_into(experts, weights)
         shared = None
         if config.num_shared_experts:
             shared = _packed(weights, config.num_shared_experts)
@@ -135,6 +147,8 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
                         p.zero_()  # Law 2
         hidden, device = weights.in_features, weights.device
     else:
+        if config.granularity > 1:
+            raise granularity.refuse_generic(site.name, config.granularity)
         experts = ModuleExperts(module, config.num_experts)
         shared = ModuleExperts(module, config.num_shared_experts) if config.num_shared_experts else None
         if shared is not None:
@@ -153,6 +167,8 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
     )
     with seeded(config.seed * 1_000_003 + index):
         router = build_router(config.router, spec)  # Law 3, built on CPU
+    if config.granularity > 1:  # virtual groups: a copy's slices start with equal logits
+        granularity.tie_router(site.name, router, config.granularity)
     router = router.to("meta" if device.type == "meta" else device)
     layer = MoeLayer(
         router=router,
@@ -166,6 +182,8 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
         router_score=config.router_score,
         balance_bias_rate=config.balance_bias_rate,
         calls_per_forward=site.calls,
+        normalize_topk=config.normalize_topk,
+        granularity=config.granularity,
     )
     return layer, weights
 
@@ -194,6 +212,8 @@ def init_shared_for_training(layer: MoeLayer, config: MoeifyConfig, index: int) 
     routed_in = layer.experts.input_parameters()
     shared_in = shared.input_parameters()
     if isinstance(shared, PackedExperts):
+        # Fine-grained routed experts are slices: the first copy's, joined back into the whole FFN.
+        routed_in = granularity.first_copy_inputs(layer.experts, layer.granularity)
         for dst, src in zip(shared_in, routed_in):
             dst.copy_(src[:1].expand_as(dst))
     else:

@@ -27,11 +27,13 @@ def check_layer(
     in_features: int,
     dtype: torch.dtype,
     device: torch.device,
-    tolerance: float,
+    tolerance: float | None,
     seed: int,
     conditioning: tuple[ConditioningContext, int] | None,
 ) -> float:
-    """Random tokens through the dense FFN and the MoE layer; raises ConversionError on mismatch."""
+    """Random tokens through the dense FFN and the MoE layer; raises ConversionError on mismatch.
+    Returns max |moe - dense| / dense scale; `tolerance=None` only measures it (a recipe that
+    departs from the dense FFN by design: `MoeifyConfig.preserves_function`)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(*_TOKENS, in_features, generator=generator).to(device=device, dtype=dtype)
     saved = None
@@ -61,6 +63,8 @@ def check_layer(
     if out.shape != ref.shape:
         raise ConversionError(f"{name}: the MoE layer returns {tuple(out.shape)}, the dense FFN {tuple(ref.shape)}")
     error = relative_error(out, ref)
+    if tolerance is None:
+        return error
     allowed = tolerance_for(dtype, tolerance)
     if not error <= allowed:
         _check_zeroed_shared(name, layer, x)
@@ -123,6 +127,13 @@ def run_model(model: nn.Module, example_inputs: Any, seed: int = 0) -> list[Tens
             module.tokens_per_expert.zero_()
             module.clear_losses()
     return _outputs(result)
+
+
+def model_deviation(reference: list[Tensor], converted: list[Tensor]) -> float:
+    """max |converted - reference| / reference scale over the outputs (what `check_model` bounds)."""
+    if len(reference) != len(converted):
+        raise ConversionError("the converted model returns a different number of outputs than the model it is compared with")
+    return max((relative_error(c, r) for c, r in zip(converted, reference)), default=0.0)
 
 
 def check_model(dense: list[Tensor], converted: list[Tensor], tolerance: float, dtype: torch.dtype) -> float:

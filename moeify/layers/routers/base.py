@@ -33,6 +33,9 @@ class Router(Fp32Module):
     """Base class: subclasses implement `logits(x_TD, batch_shape)` on fp32 inputs."""
 
     num_experts: int
+    # The attributes naming the nn.Linear layers whose output rows are the experts' logits (summed
+    # when several): what fine-grained experts tie in groups (moeify.recipes.granularity).
+    output_layers: tuple[str, ...] = ()
 
     def forward(self, x_TD: Tensor, batch_shape: torch.Size) -> Tensor:
         # Routing math in fp32 whatever the autocast state: autocast would run the projections in

@@ -77,6 +77,8 @@ class ConditioningContext:
 
 
 class CrossAttentionRouter(Router):
+    output_layers = ("from_tokens", "from_context")
+
     def __init__(
         self,
         hidden_size: int,

@@ -9,6 +9,8 @@ from moeify.layers.routers.base import Router, register_router
 
 
 class LinearRouter(Router):
+    output_layers = ("gate",)
+
     def __init__(self, hidden_size: int, num_experts: int, init_std: float, device=None) -> None:  # noqa: ANN001
         super().__init__()
         self.num_experts = num_experts
