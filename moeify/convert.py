@@ -57,7 +57,7 @@ def _build_and_check(
                 if deviation is not None:
                     deviation["layers"][site.name] = error
             if weights is not None:
-                shared_params += apply.share_storage(layer.experts, weights)
+                shared_params += apply.share_storage(layer.experts, weights, config)
             layers.append(layer)
     except BaseException:
         apply.unshare(shared_params)

@@ -86,12 +86,15 @@ def _clone_into(experts: PackedExperts, weights: FFNWeights) -> None:
 
 
 @torch.no_grad()
-def share_storage(experts: PackedExperts, weights: FFNWeights) -> list[nn.Parameter]:
+def share_storage(experts: PackedExperts, weights: FFNWeights, config: MoeifyConfig) -> list[nn.Parameter]:
     """After the identity check: point the dense FFN's parameters at expert 0's rows (the same
     values, bit for bit), so the dense copy costs no memory while conversion goes on: peak memory
-    stays at the final size plus one FFN. Returns the re-pointed parameters (for `unshare`)."""
+    stays at the final size plus one FFN. Returns the re-pointed parameters (for `unshare`).
+    Only for clones: where expert 0 is not the dense FFN (slices, other sources, re-initialised
+    neurons) the dense model a failed conversion hands back must keep its own values."""
     shared: list[nn.Parameter] = []
-    if experts.w_in.is_meta:
+    clones = config.granularity == 1 and config.experts_from is None and config.reinit_fraction == 0
+    if experts.w_in.is_meta or not clones:
         return shared
     for packed, pieces in _packed_pairs(experts, weights):
         offset = 0
@@ -102,13 +105,8 @@ def share_storage(experts: PackedExperts, weights: FFNWeights) -> list[nn.Parame
             if piece.half is None and piece.groups == 1 and isinstance(piece.param, nn.Parameter):
                 view = packed[0, offset : offset + rows]
                 # Conv1D's [in, out] is the transpose; a 1x1 convolution's [out, in, 1, ...] a view.
-                same = view.numel() == piece.param.numel()
-                view = (view.t() if piece.transposed else view.view(piece.param.shape)) if same else view
-                # Only where expert 0 holds the dense values bit for bit: a recipe that changes it
-                # (experts_from, reinit_fraction) must not change the dense model it may hand back.
-                if same and torch.equal(view, piece.param):
-                    piece.param.data = view
-                    shared.append(piece.param)
+                piece.param.data = view.t() if piece.transposed else view.view(piece.param.shape)
+                shared.append(piece.param)
             offset += rows
     return shared
 
