@@ -199,3 +199,22 @@ def test_console_script(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == "moeify convert: error: top_k must be between 1 and num_experts=4, got 9\n"
     assert result.stdout == ""
+
+
+def test_inspect_counts_tied_embeddings_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A tied LM head is the embedding: inspect (on the meta device) counts it once, as the loaded
+    model's parameter_counts does (it held SmolLM2-135M's 28.3M embedding twice)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config)
+    dense.save_pretrained(tmp_path / "tied")
+    code, out, err = run(capsys, "inspect", tmp_path / "tied", "--experts", "4", "--json")
+    assert code == 0, err
+    loaded = moeify.moeify(AutoModelForCausalLM.from_pretrained(tmp_path / "tied"), num_experts=4, verify=False)
+    assert json.loads(out)["parameters"]["dense"] == sum(p.numel() for p in dense.parameters())
+    assert json.loads(out)["parameters"]["total"] == moeify.convert.parameter_counts(loaded)["total"]

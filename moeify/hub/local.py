@@ -71,7 +71,12 @@ def load_dense(path: Path, library: str, class_name: str | None, *, empty: bool)
 
             config = transformers.AutoConfig.from_pretrained(path)
             with init_empty_weights():
-                return cls.from_config(config) if hasattr(cls, "_model_mapping") else cls._from_config(config)
+                model = cls.from_config(config) if hasattr(cls, "_model_mapping") else cls._from_config(config)
+            # Under init_empty_weights transformers 5 leaves tied weights untied (measured: a tied
+            # Llama's lm_head is its own meta tensor), and the counts would hold the embedding twice
+            # (28.3M too many for SmolLM2-135M). Loading ties them; so does this.
+            model.tie_weights()
+            return model
         _require_safetensors(path)
         return cls.from_pretrained(path, use_safetensors=True)
     if empty:
