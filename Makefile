@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # Re-installs only when pyproject.toml changes (or after `make distclean`).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean distclean study
+.PHONY: venv demo test lint quality clean distclean study
 
 venv: $(STAMP)
 
@@ -28,6 +28,13 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check moeify tests examples
+
+# What CI runs before the tests (and .pre-commit-config.yaml on every commit): lint, unused
+# `# noqa` comments (RUF100), and formatting.
+QUALITY_PATHS := moeify tests benchmarks examples studies
+quality: venv
+	$(VENV)/bin/ruff check --extend-select RUF100 $(QUALITY_PATHS)
+	$(VENV)/bin/ruff format --check $(QUALITY_PATHS)
 
 # Build outputs and caches; `make distclean` also removes .venv (back to a fresh clone).
 clean:

@@ -5,21 +5,22 @@
     loss = task_loss + aux_loss(model)
 """
 
+from moeify._version import __version__
 from moeify.architectures import FFNLayout, register_conditioning, register_ffn, register_skip
 from moeify.config import MoeifyConfig
 from moeify.control import Schedule, set_routing
-from moeify.convert import MoeifyState, aux_loss, moe_layers, moeify, token_mask
+from moeify.convert import MoeifyState, aux_loss, moeify, token_mask
 from moeify.hub.card import model_card
 from moeify.hub.export import ExportError, export
+from moeify.hub.export_formats import register_export_format
 from moeify.hub.load import from_pretrained
 from moeify.hub.push import PushError, push_to_hub
 from moeify.hub.save import save_pretrained
 from moeify.layers import MoeLayer, register_router
+from moeify.layers.inventory import moe_layers
 from moeify.monitors import attach_monitors
 from moeify.precision import check_bf16, guard_bf16
 from moeify.surgery import ConversionError, FFNReport, find_ffns
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562
@@ -55,6 +56,7 @@ __all__ = [
     "moeify",
     "push_to_hub",
     "register_conditioning",
+    "register_export_format",
     "register_ffn",
     "register_router",
     "register_skip",

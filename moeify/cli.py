@@ -29,11 +29,10 @@ from pathlib import Path
 from torch import nn
 
 from moeify.config import MoeifyConfig
-from moeify.convert import parameter_counts
+from moeify.hub.formats import export_format_names
 from moeify.hub.local import detect, load_dense
+from moeify.layers.inventory import human, parameter_counts
 from moeify.layers.routers import router_kinds
-
-EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 class CliError(Exception):
@@ -88,13 +87,6 @@ def _recipe(args: argparse.Namespace) -> MoeifyConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
-
-
-def human(count: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(count)
 
 
 def _site_lines(report) -> list[str]:  # noqa: ANN001 - an FFNReport
@@ -310,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a moeify checkpoint as a native transformers MoE checkpoint")
     export.add_argument("src", help="a moeify checkpoint directory or Hub repo id")
     export.add_argument("out", help="the directory to write")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the native MoE family")
+    export.add_argument("--format", required=True, choices=export_format_names(), help="the native MoE family")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.set_defaults(run=cmd_export)
 

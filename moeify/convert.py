@@ -1,9 +1,10 @@
-"""`moeify(model)`: plan → build → verify → swap → shared init. The only public function that
-mutates a model; a failed conversion leaves it exactly as it was."""
+"""`moeify(model)`: find → plan → apply → verify (moeify.surgery), then the shared experts'
+training init. Apply builds each MoE layer and swaps it in; verify checks each built layer against
+its dense FFN before the swap and the whole model on example_inputs after it. The only public
+function that mutates a model; a failed conversion leaves it exactly as it was."""
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from moeify.config import MoeifyConfig, recipe
+from moeify.layers.inventory import model_class, moe_layers, parameter_counts, require_moe_layers, unwrap
 from moeify.layers.moe import MoeLayer, require_graph, total_aux_loss
 from moeify.layers.routers import ConditioningContext
 from moeify.recipes import reinit, router_init, sources
@@ -74,7 +76,7 @@ def _check(
         site.name,
         site.layout.chain(dense) if site.layout else [dense],
         layer,
-        in_features=site.in_features or apply._generic_hidden_size(dense),
+        in_features=site.in_features or apply.generic_hidden_size(dense),
         dtype=dtype,
         device=device,
         # A recipe that departs from the dense FFN by design is measured, not checked.
@@ -227,52 +229,6 @@ class MoeifyState:
         return self.conversions[-1]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and DistributedDataParallel's wrappers (their state dict
-    keys carry a prefix that the rebuilt model does not have)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def model_class(model: nn.Module) -> type:
-    """The model's own class. FSDP2's `fully_shard` swaps it for a dynamic subclass
-    `FSDP<Name>(FSDPModule, <Name>)`, which a saved checkpoint must not name."""
-    cls = type(model)
-    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    if fsdp_module is not None and issubclass(cls, fsdp_module):
-        return next(base for base in cls.__bases__ if not issubclass(base, fsdp_module))
-    return cls
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoeLayer]]:
-    """Every moeify MoE layer of a model, with its module name, in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoeLayer)]
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
-    layer its router and shared experts, and top_k of its E routed experts), and those of the
-    dense model it was converted from (the routed experts are clones of its FFN: one per layer;
-    with granularity G, G experts are its slices, each with the whole output bias)."""
-    total = sum(p.numel() for p in model.parameters())
-    active = dense = total
-    for _, layer in moe_layers(model):
-        in_layer = sum(p.numel() for p in layer.parameters())
-        routed = sum(p.numel() for p in layer.experts.parameters())
-        per_expert = routed // layer.num_experts
-        active -= routed - layer.top_k * per_expert
-        slices = getattr(layer, "granularity", 1)
-        b_out = getattr(layer.experts, "b_out", None)
-        dense_ffn = slices * per_expert - (slices - 1) * (b_out.shape[-1] if b_out is not None else 0)
-        dense -= in_layer - dense_ffn
-    return {"total": total, "active_per_token": active, "dense": dense}
-
-
 def aux_loss(model: nn.Module) -> Tensor:
     """The router losses (balance, z-loss, entropy; weighted) of every MoE layer, ready to add to
     the task loss: `loss = task_loss + moeify.aux_loss(model)`.
@@ -290,9 +246,7 @@ def aux_loss(model: nn.Module) -> Tensor:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"aux_loss reads a model converted by moeify (an nn.Module), got {type(model).__name__}")
-    layers = [layer for _, layer in moe_layers(model)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+    layers = [layer for _, layer in require_moe_layers(model)]
     counted_twice = torch.is_grad_enabled() and any(layer.loss_taken_by_output for layer in layers)
     total = total_aux_loss(layers)
     if total is None:
@@ -320,4 +274,14 @@ def token_mask(model: nn.Module, keep: Tensor | None) -> None:
     hooks.attach_token_mask(model, [layer for _, layer in moe_layers(model)]).set(keep)
 
 
-__all__ = ["ConversionError", "MoeifyState", "aux_loss", "moe_layers", "moeify", "parameter_counts", "token_mask", "unwrap"]
+__all__ = [
+    "ConversionError",
+    "MoeifyState",
+    "aux_loss",
+    "model_class",
+    "moe_layers",
+    "moeify",
+    "parameter_counts",
+    "token_mask",
+    "unwrap",
+]

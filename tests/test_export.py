@@ -221,3 +221,73 @@ def test_a_failed_logit_check_writes_nothing_and_keeps_routing_state(tmp_path, m
     assert model.training
     monkeypatch.setattr(export_module, "_max_logit_diff", lambda model, directory: (1.0, 1.0))
     refused(tmp_path, model, "mixtral", "logits differ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The format registry: a format registered outside moeify exports through its own handler.
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The export-format registry, restored after the test (formats registered in it vanish)."""
+    from moeify.hub.formats import base
+
+    monkeypatch.setattr(base, "_FORMATS", dict(base._FORMATS))
+    return base
+
+
+def register_toy(registry) -> list[str]:
+    """A format named 'toy_moe' written as a Mixtral checkpoint, holding at most 4 experts; returns
+    the MoE prefixes its tensor mapping is asked for."""
+    asked: list[str] = []
+
+    @moeify.register_export_format("toy_moe")
+    class ToyMoe(registry.ExportFormat):
+        model_type = "mixtral"
+
+        def refusal(self, name, layer):
+            return f"{name} has {layer.num_experts} experts; toy_moe holds 4" if layer.num_experts > 4 else None
+
+        def config_fields(self, source):
+            shape = source.shape
+            return {
+                "num_local_experts": shape.num_experts,
+                "intermediate_size": shape.intermediate_size,
+                "router_aux_loss_coef": 0.25,  # visible in config.json, no effect on the logits
+            }
+
+        def moe_tensors(self, prefix, layer, dtype):
+            asked.append(prefix)
+            return super().moe_tensors(prefix, layer, dtype)
+
+    return asked
+
+
+def test_a_registered_format_exports_through_its_handler(tmp_path, registry):
+    from moeify.cli import build_parser
+
+    asked = register_toy(registry)
+    assert build_parser().parse_args(["export", "a", "b", "--format", "toy_moe"]).format == "toy_moe"
+    model = convert_and_train(tiny("llama"), num_shared_experts=0)
+    directory = export(model, tmp_path / "written", "toy_moe")
+    assert asked == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    config = json.loads((directory / "config.json").read_text())
+    assert (config["model_type"], config["num_local_experts"], config["router_aux_loss_coef"]) == ("mixtral", 4, 0.25)
+    assert assert_matches_native(model, directory, "mixtral") <= 1e-5
+    # Its refusal runs before anything is written; the shared refusals name it only where it fits.
+    refused(tmp_path, convert_and_train(tiny("llama"), num_experts=8, num_shared_experts=0), "toy_moe", "holds 4")
+    dense_layer = convert_and_train(tiny("llama"), num_shared_experts=0, layers=[0])
+    refused(tmp_path, dense_layer, "toy_moe", r"format='qwen2_moe' / 'qwen3_moe' \(they hold dense layers")
+    refused(tmp_path, model, "gpt9", r"supported formats: \['mixtral', 'qwen2_moe', 'qwen3_moe', 'toy_moe'\]")
+
+
+def test_registering_a_format_twice_or_not_a_format_is_refused(registry):
+    mixtral = registry.export_format("mixtral")
+    with pytest.raises(ValueError, match="export format named 'mixtral' is already registered"):
+        moeify.register_export_format("mixtral")
+    with pytest.raises(ValueError, match="an identifier"):
+        moeify.register_export_format("toy moe")
+    with pytest.raises(TypeError, match="ExportFormat subclass"):
+        moeify.register_export_format("toy_moe")(dict)
+    assert registry.export_format("mixtral") is mixtral
+    assert registry.export_format_names() == ("mixtral", "qwen2_moe", "qwen3_moe")

@@ -344,9 +344,9 @@ def test_counts_are_all_reduced_as_int64(monkeypatch: pytest.MonkeyPatch) -> Non
         reduced.append(tensor.dtype)
         tensor.mul_(2)
 
-    monkeypatch.setattr(runner_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(runner_module.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(runner_module.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     stats = runner_module.gather([("layer", layer)])
     assert torch.int64 in reduced
     assert stats[0].tokens_per_expert == (2 * (2**24 + 1),) * layer.num_experts

@@ -13,9 +13,9 @@ torch.distributed (every rank moves the bias identically), no host sync.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from moeify.layers.moe import MoeLayer
+from moeify.layers.stats import sum_over_ranks
 
 
 @torch.no_grad()
@@ -25,8 +25,7 @@ def update_expert_bias(layers: list[MoeLayer]) -> None:
     if not biased:
         return
     counts_flat = torch.cat([layer.bias_counts for layer in biased])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts_flat, op=dist.ReduceOp.SUM)
+    sum_over_ranks(counts_flat)
     offset = 0
     for layer in biased:
         counts_E = counts_flat[offset : offset + layer.num_experts].float()

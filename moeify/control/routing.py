@@ -24,7 +24,7 @@ from torch import nn
 
 from moeify.control.bias import update_expert_bias
 from moeify.control.schedule import Schedule
-from moeify.convert import moe_layers, unwrap
+from moeify.layers.inventory import moe_layers, unwrap
 from moeify.layers.moe import MoeLayer
 
 STATE_FORMAT = 1

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from moeify.atomic import as_directory, staged_for_ranks
 from moeify.control.routing import routing_control
-from moeify.convert import unwrap
+from moeify.layers.inventory import unwrap
 
 RECORD = "moeify_sharded.json"
 FORMAT = 1

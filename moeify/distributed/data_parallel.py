@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moeify.convert import moe_layers
 from moeify.distributed.expert_parallel import expert_parameters
+from moeify.layers.inventory import moe_layers
 
 
 def _ignore(model: nn.Module, names: list[str]) -> None:

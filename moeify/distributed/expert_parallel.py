@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moeify.convert import moe_layers, unwrap
 from moeify.distributed.exchange import TokenExchange
 from moeify.layers.experts import PackedExperts
+from moeify.layers.inventory import moe_layers, peft_module_name, require_moe_layers, unwrap
 from moeify.layers.moe import MoeLayer
 
 
@@ -45,10 +45,8 @@ def _check(model: nn.Module, mesh: DeviceMesh) -> list[tuple[str, MoeLayer]]:
             f"{where}: the expert mesh must be a 1-D DeviceMesh, got {got}; "
             'take one dimension of a larger mesh, e.g. mesh["ep"]'
         )
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{where}: {type(model).__name__} has no moeify MoE layers: call moeify(model) first")
-    peft = next((n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    layers = require_moe_layers(model, where)
+    peft = peft_module_name(model)
     if peft is not None:
         raise ValueError(f"{where}: the model holds peft adapters (at {peft or 'the root'}); shard the experts first")
     ep = mesh.size()

@@ -21,7 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from moeify.convert import moe_layers, parameter_counts
+from moeify._version import __version__
+from moeify.layers.inventory import human, moe_layers, parameter_counts, unwrap
+from moeify.monitors.base import card_declarations, monitor_class, monitor_names
 from moeify.recipes.router_init import describe as describe_router_init
 
 TEMPLATE = "model_card.md.j2"
@@ -36,42 +38,8 @@ PIPELINE_TAGS = {
     "ForQuestionAnswering": "question-answering",
     "ForImageClassification": "image-classification",
 }
-PLOTS = {  # file name: caption (see moeify.hub.plots)
-    "load_heatmap.png": "Expert load share per layer and expert over training",
-    "entropy.png": "Router entropy per layer over training",
-    "deadlock_map.png": "Deadlock map: the top expert's share of its maximum over depth and time",
-}
-# Per-layer table: (header, monitor, key in the summary, key in a history record, kind).
-COLUMNS = [
-    ("load cv", "expert_load", "cv", "cv", "num"),
-    ("max/mean load", "expert_load", "max_mean", "max_mean", "num"),
-    ("entropy", "router_entropy", "entropy", "entropy", "num"),
-    ("dead experts", "dead_experts", "dead_now", "dead", "count"),
-    ("ever dead", "dead_experts", "ever_dead", None, "count"),
-    ("deadlocked", "deadlock", "deadlocked", "deadlocked", "flag"),
-    ("shared/routed", "shared_maturity", "ratio_now", "ratio", "num"),
-    ("ecology E", "ecology", "E", "E", "num"),
-    ("expert spread", "expert_homogenization", "spread_max", "spread_max", "num"),
-    ("feedback kappa", "imbalance_early_warning", "kappa", "kappa", "num"),
-    ("imbalance warnings", "imbalance_early_warning", "warnings", None, "count"),
-]
-# Model-wide figures read from the run summary: name -> path under summary["monitors"].
-SUMMARY_FIGURES = {
-    "ever_deadlocked_fraction": ("deadlock", "model", "depth_profile", "ever_deadlocked_fraction"),
-    "deadlock_u_thirds": ("deadlock", "model", "depth_profile", "u_thirds"),
-    # Its bootstrap interval over layers: a U read off a handful of layers is weak evidence.
-    "deadlock_u_thirds_interval": ("deadlock", "model", "depth_profile", "u_thirds_interval"),
-    # Of the layer-steps that top-k counts alone call deadlocked, the share the router's probability did not follow.
-    "deadlock_assignment_only_share": ("deadlock", "model", "assignment_only_share"),
-    "soft_saturated_layers": ("router_entropy", "model", "soft_saturated_layers"),
-    "saturated_layers": ("router_entropy", "model", "saturated_layers"),
-    "homogeneous_layers": ("expert_homogenization", "model", "homogeneous_layers"),
-    "imbalance_warned_layers": ("imbalance_early_warning", "model", "layers_warned"),
-    "feedback_kappa_max": ("imbalance_early_warning", "model", "kappa_max"),
-    "lost_update_fraction": ("lost_updates", "model", "lost_fraction"),
-}
-# Events that end a problem; listed after the ones that start one.
-RESOLVED = {"revived", "recovered", "matured", "diversified", "soft_saturation_ended", "saturation_ended"}
+# The per-layer columns, model-wide figures, plots and resolved event kinds come from what the
+# registered monitors declare (Monitor.card_columns, card_figures, card_plots, resolved_events).
 MAX_EVENTS = 20
 
 
@@ -95,13 +63,6 @@ def _round(value: Any) -> Any:
     if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
         return [_round(v) for v in value]  # an interval
     return float(f"{value:.4g}") if isinstance(value, float) and math.isfinite(value) else value
-
-
-def human(count: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(count)
 
 
 def _cell(value: Any) -> str:
@@ -173,7 +134,6 @@ def _deviation(deviation: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def conversion(model: nn.Module) -> dict[str, Any]:
     """What the card says about the conversion (template variables)."""
-    from moeify import __version__
     from moeify.hub.save import library_of
 
     state = model.moeify_state
@@ -271,7 +231,9 @@ def _display(value: Any, kind: str) -> str:
 
 def _events(run: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     events = [e for e in run.get("events") or [] if isinstance(e, dict)]
-    chosen = sorted(events, key=lambda e: (e.get("kind") in RESOLVED, e.get("step", 0)))[:MAX_EVENTS]
+    # Events that end a problem are listed after the ones that start one (left out first).
+    resolved = {kind for name in _registered() for kind in monitor_class(name).resolved_events}
+    chosen = sorted(events, key=lambda e: (e.get("kind") in resolved, e.get("step", 0)))[:MAX_EVENTS]
     chosen.sort(key=lambda e: e.get("step", 0))
     shown = [
         {"step": e.get("step"), "kind": e.get("kind"), "layer": e.get("layer"), "detail": _cell(e.get("detail", ""))}
@@ -280,45 +242,62 @@ def _events(run: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     return shown, len(events) - len(shown)
 
 
+def _registered() -> list[str]:
+    """Every registered monitor's name, the built-in ones imported (and so registered) first."""
+    import moeify.monitors  # noqa: F401 - registers the built-in monitors
+
+    return list(monitor_names())
+
+
+def _reduce(values: list[Any], names: list[str], how: str) -> Any:
+    """A card figure over layers (`CardFigure.reduce`)."""
+    if how == "sum":
+        return sum(_count(v) or 0 for v in values)
+    if how == "min":
+        return min((float(v) for v in values if v is not None), default=None)  # float("inf") reads JsonlSink's "inf"
+    if how == "layers":
+        return [name for name, v in zip(names, values) if v]
+    return sum(1 for v in values if v is not None)  # "count"
+
+
 def routing_health(run: dict[str, Any]) -> dict[str, Any]:
     """Template variables of the routing-health section, and the YAML summary ("yaml")."""
+    _registered()
     view = _RunView(run)
-    raw = {name: {c[0]: view.metric(c[1], name, c[2], c[3]) for c in COLUMNS} for name in view.layers}
-    columns = [c for c in COLUMNS if any(raw[name][c[0]] is not None for name in view.layers)]
-    rows = [[name] + [_display(raw[name][c[0]], c[4]) for c in columns] for name in view.layers]
-    deadlocked = [name for name in view.layers if raw[name]["deadlocked"]]
-    ecology = [v for v in (raw[n]["ecology E"] for n in view.layers) if v is not None]
-    figures = {
-        "steps": view.steps,
-        "observations": len(run["history"]),
-        "moe_layers": len(view.layers),
-        "dead_experts": sum(_count(raw[n]["dead experts"]) or 0 for n in view.layers),
-        "deadlocked_layers": deadlocked,
-        "ecology_E_min": min((float(v) for v in ecology), default=None),
-        "shared_matured_layers": sum(
-            1 for n in view.layers if view.metric("shared_maturity", n, "matured_step", None) is not None
-        ),
-    }
-    figures.update({name: view.figure(path) for name, path in SUMMARY_FIGURES.items()})
+    declared = card_declarations("card_columns")
+    raw = [[view.metric(monitor, name, c.key, c.last_key) for monitor, c in declared] for name in view.layers]
+    shown = [i for i in range(len(declared)) if any(values[i] is not None for values in raw)]
+    rows = [[name] + [_display(values[i], declared[i][1].format) for i in shown] for name, values in zip(view.layers, raw)]
+    figures: dict[str, Any] = {"steps": view.steps, "observations": len(run["history"]), "moe_layers": len(view.layers)}
+    for monitor, figure in card_declarations("card_figures"):
+        if figure.path:
+            figures[figure.name] = view.figure((monitor, *figure.path))
+        else:
+            values = [view.metric(monitor, name, figure.key, figure.last_key) for name in view.layers]
+            figures[figure.name] = _reduce(values, view.layers, figure.reduce)
     figures["events"] = dict(Counter(str(e.get("kind")) for e in run.get("events") or [] if isinstance(e, dict)))
     yaml = {k: _round(v) for k, v in plain(figures).items() if v is not None}
     events, more = _events(run)
     return {
         "yaml": yaml,
         "figures": yaml,
-        "headers": ["layer"] + [c[0] for c in columns],
+        "headers": ["layer"] + [declared[i][1].title for i in shown],
         "rows": [[_cell(v) for v in row] for row in rows],
         "events": events,
         "more_events": more,
     }
 
 
+def _plots() -> dict[str, tuple[str, Any]]:
+    """file name: (monitor, CardPlot), in card order."""
+    _registered()
+    return {plot.file: (monitor, plot) for monitor, plot in card_declarations("card_plots")}
+
+
 def expected_plots(run: dict[str, Any]) -> list[str]:
     """The plots `routing_plots` writes for this run (which monitors it holds)."""
     monitors = {name for record in run.get("history") or [] for name in record.get("monitors", {})}
-    names = ["load_heatmap.png", "entropy.png", "deadlock_map.png"]
-    wanted = {"load_heatmap.png": "expert_load", "entropy.png": "router_entropy", "deadlock_map.png": "expert_load"}
-    return [n for n in names if wanted[n] in monitors]
+    return [file for file, (monitor, _) in _plots().items() if monitor in monitors]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +331,6 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from moeify.convert import unwrap
-
     model = unwrap(model)  # torch.compile / DDP wrappers
     state = getattr(model, "moeify_state", None)
     if state is None or not state.conversions:
@@ -366,7 +343,8 @@ def model_card(
     health = routing_health(run) if run is not None and run["history"] else None
     if health is not None:
         plot_names = expected_plots(run) if plots is None else list(plots)
-        health["plots"] = [{"path": f"{DIAGNOSTICS}/{name}", "caption": PLOTS.get(name, name)} for name in plot_names]
+        captions = {file: plot.caption for file, (_, plot) in _plots().items()}
+        health["plots"] = [{"path": f"{DIAGNOSTICS}/{name}", "caption": captions.get(name, name)} for name in plot_names]
     base = hub_base_model(model, base_model)
     block = {
         "version": info["moeify_version"],

@@ -2,8 +2,8 @@
 transformers MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that plain
 `AutoModelForCausalLM.from_pretrained(directory)` loads, with the moeify model's logits.
 
-Check everything (moeify.hub.export_formats: what each format can hold and every refusal), then
-write: the checkpoint goes to a temporary sibling directory, is reloaded
+Check everything (moeify.hub.export_formats: the registered formats, each one's handler declaring
+what it holds, its config fields and tensor names; every refusal), then write: the checkpoint goes to a temporary sibling directory, is reloaded
 with plain transformers and compared, and only then moved into place; a refused or failed export
 leaves no directory behind. Routing is softmax → top-k → renormalise in moeify and in all three
 targets (`norm_topk_prob=True`); a model converted with normalize_topk=False keeps the raw
@@ -36,19 +36,20 @@ import torch
 from torch import Tensor, nn
 
 from moeify.atomic import as_directory, staged_directory
-from moeify.convert import moe_layers
 from moeify.hub.companions import Saveable, check_savers, write_companions
 from moeify.hub.export_formats import (
     BASES,
-    FORMATS,
     ExportError,
     ExportFormat,
+    ExportSource,
     MoeShape,
     check_model,
     check_shapes,
-    is_zero,
-    refuse,
+    export_format,
+    export_format_names,
 )
+from moeify.hub.formats.base import is_zero, refuse
+from moeify.layers.inventory import moe_layers
 from moeify.layers.moe import MoeLayer
 
 if TYPE_CHECKING:
@@ -64,100 +65,54 @@ COPIED_FIELDS = tuple(
 
 
 def _windows(config: PretrainedConfig) -> list[int | None]:
-    """The sliding window of each layer's attention (None: full attention), as the model runs it."""
-    layers = config.num_hidden_layers
-    if config.model_type == "llama":
-        return [None] * layers
-    if config.model_type in ("qwen2", "qwen3", "qwen2_moe"):
-        return [config.sliding_window if t == "sliding_attention" else None for t in config.layer_types]
-    return [getattr(config, "sliding_window", None)] * layers  # mistral, mixtral, qwen3_moe: one for all
+    """The sliding window of each layer's attention (None: full attention), as the model runs it:
+    per layer where the config has `layer_types` (Qwen2, Qwen3, Qwen2-MoE), else one for all
+    (Mistral, Mixtral, Qwen3-MoE; Llama has none)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if t == "sliding_attention" else None for t in layer_types]
 
 
-def _window_fields(fmt: str, windows: list[int | None]) -> dict:
+def _source(handler: ExportFormat, model: nn.Module, shape: MoeShape, dense: list[int]) -> ExportSource:
+    windows = _windows(model.config)
     sizes = sorted({w for w in windows if w is not None})
     if len(sizes) > 1:
-        raise refuse(fmt, f"the layers use different sliding windows {sizes}; the native formats have one")
-    size = sizes[0] if sizes else None
-    if fmt == "mixtral":
-        return {"sliding_window": size}
-    fields = {"use_sliding_window": size is not None, "sliding_window": size or 4096}
-    if fmt == "qwen2_moe":
-        fields["layer_types"] = ["full_attention" if w is None else "sliding_attention" for w in windows]
-    return fields
+        raise handler.refuse(f"the layers use different sliding windows {sizes}; the native formats have one")
+    keys = model.state_dict().keys()
+    attention_bias = any(k.endswith("self_attn.q_proj.bias") for k in keys)
+    return ExportSource(model.config, shape, dense, windows, sizes[0] if sizes else None, attention_bias)
 
 
 def _target_config(
-    fmt: str, model: nn.Module, shape: MoeShape, dense: list[int], dtype: torch.dtype
+    handler: ExportFormat, model: nn.Module, source: ExportSource, dtype: torch.dtype
 ) -> PretrainedConfig:
     from transformers import AutoConfig
 
     base = model.config
-    target = FORMATS[fmt]
     fields = {name: getattr(base, name) for name in COPIED_FIELDS if hasattr(base, name)}
     fields |= {
         "head_dim": getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads,
         "dtype": dtype,
-        target.experts_field: shape.num_experts,
-        "num_experts_per_tok": shape.top_k,
+        "num_experts_per_tok": source.shape.top_k,
         "output_router_logits": False,
-        **_window_fields(fmt, _windows(base)),
     }
-    if fmt == "mixtral":
-        fields |= {"intermediate_size": shape.intermediate_size, "router_jitter_noise": 0.0}
-    else:
-        fields |= {"moe_intermediate_size": shape.intermediate_size, "norm_topk_prob": shape.normalize_topk}
-        # Every layer sparse except the dense ones, which keep the base's MLP width.
-        fields |= {"decoder_sparse_step": 1, "mlp_only_layers": dense, "intermediate_size": base.intermediate_size}
-    if fmt == "qwen2_moe":
-        fields["shared_expert_intermediate_size"] = max(shape.num_shared, 1) * shape.shared_intermediate_size
-    if target.bias_field is not None:
-        keys = model.state_dict().keys()
-        fields[target.bias_field] = any(k.endswith("self_attn.q_proj.bias") for k in keys)
-    config = AutoConfig.for_model(fmt, **fields)
-    if _windows(config) != _windows(base):
-        raise refuse(fmt, f"the attention windows per layer {_windows(base)} cannot be expressed in {fmt}")
+    fields |= handler.config_fields(source)
+    config = AutoConfig.for_model(handler.model_type or handler.name, **fields)
+    if _windows(config) != source.windows:
+        raise handler.refuse(f"the attention windows per layer {source.windows} cannot be expressed in {handler.name}")
     return config
 
 
-def _moe_tensors(fmt: str, index: int, layer: MoeLayer, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The native tensors of one MoE layer."""
-    prefix = f"model.layers.{index}.mlp"
-    # softmax(W x / T) = softmax((W / T) x) exactly when T is a power of two (checked before).
-    tensors = {
-        f"{prefix}.gate.weight": (layer.router.gate.weight.detach() / layer.temperature).to(dtype),
-        f"{prefix}.experts.gate_up_proj": layer.experts.w_in.detach().to(dtype),
-        f"{prefix}.experts.down_proj": layer.experts.w_out.detach().to(dtype),
-    }
-    if fmt == "qwen2_moe":
-        tensors |= _shared_tensors(prefix, layer, dtype)
-    return tensors
-
-
-def _shared_tensors(prefix: str, layer: MoeLayer, dtype: torch.dtype) -> dict[str, Tensor]:
-    """moeify's S shared experts as Qwen2-MoE's one shared expert of width S·I."""
-    # No shared experts: one zero expert of width I, which adds exactly 0.
-    experts = layer.experts if layer.shared_experts is None else layer.shared_experts
-    w_in_SID, w_out_SDI = experts.w_in.detach(), experts.w_out.detach()
-    if layer.shared_experts is None:
-        w_in_SID, w_out_SDI = torch.zeros_like(w_in_SID[:1]), torch.zeros_like(w_out_SDI[:1])
-    gate_SID, up_SID = w_in_SID.chunk(2, dim=1)
-    hidden = w_in_SID.shape[-1]
-    return {
-        f"{prefix}.shared_expert.gate_proj.weight": gate_SID.reshape(-1, hidden).to(dtype),
-        f"{prefix}.shared_expert.up_proj.weight": up_SID.reshape(-1, hidden).to(dtype),
-        # sigmoid(0 · x) = 1/2 exactly; the doubled down_proj cancels it exactly.
-        f"{prefix}.shared_expert.down_proj.weight": (2 * torch.cat(w_out_SDI.unbind(0), dim=-1)).to(dtype),
-        f"{prefix}.shared_expert_gate.weight": torch.zeros(1, hidden, dtype=dtype, device=w_in_SID.device),
-    }
-
-
 def _target_state(
-    fmt: str, model: nn.Module, layers: dict[int, MoeLayer], target: nn.Module, dtype: torch.dtype
+    handler: ExportFormat, model: nn.Module, layers: dict[int, MoeLayer], target: nn.Module, dtype: torch.dtype
 ) -> dict:
     """Every tensor of the target model, by its name; refuses a base tensor with no exact place."""
+    fmt = handler.name
     produced: dict[str, Tensor] = {}
     for index, layer in layers.items():
-        produced |= _moe_tensors(fmt, index, layer, dtype)
+        produced |= handler.moe_tensors(f"model.layers.{index}.mlp", layer, dtype)
     moe_prefixes = tuple(f"model.layers.{index}.mlp." for index in layers)
     base = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(moe_prefixes)}
     state, absent = {}, []
@@ -194,13 +149,15 @@ def _build_native(model: nn.Module, format: str) -> nn.Module:
     rotary buffers stay on the meta device, so use it to save, not to run). Raises ExportError."""
     from transformers import AutoModelForCausalLM
 
-    layers = check_model(model, format)
-    shape, dense = check_shapes(format, model.config, layers)
+    handler = export_format(format)  # the registered handler (moeify.hub.export_formats): no per-format code here
+    layers = check_model(model, handler)
+    shape, dense = check_shapes(handler, model.config, layers)
+    source = _source(handler, model, shape, dense)
     dtype = _export_dtype(model)
-    config = _target_config(format, model, shape, dense, dtype)
+    config = _target_config(handler, model, source, dtype)
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    target.load_state_dict(_target_state(format, model, layers, target, dtype), strict=True, assign=True)
+    target.load_state_dict(_target_state(handler, model, layers, target, dtype), strict=True, assign=True)
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
     return target
@@ -244,7 +201,8 @@ def export(
     processor: Saveable | None = None,
 ) -> Path:
     """Write `model` (a moeify-converted Llama / Mistral / Qwen2 / Qwen3 causal LM with linear
-    routers) as a native transformers `format` checkpoint: "mixtral", "qwen2_moe" or "qwen3_moe".
+    routers) as a native transformers `format` checkpoint: "mixtral", "qwen2_moe", "qwen3_moe", or a
+    format added with `register_export_format` (moeify.hub.export_formats).
 
     The directory gets the target class's own `save_pretrained` output (config.json,
     model.safetensors, generation_config.json) and the tokenizer / chat template / processor
@@ -282,4 +240,4 @@ def export(
     return directory
 
 
-__all__ = ["BASES", "FORMATS", "ExportError", "ExportFormat", "export"]
+__all__ = ["BASES", "ExportError", "ExportFormat", "export", "export_format_names"]

@@ -1,5 +1,25 @@
-"""What the native MoE formats of `moeify.export` can hold (as data), and whether a converted
-model fits one: every refusal of an export is raised here, before anything is built or written.
+"""The export formats of `moeify.export` (a registry: moeify.hub.formats) and whether a converted
+model fits one: every refusal of an export is raised here or by the format's handler, before
+anything is built or written.
+
+Adding an export format
+-----------------------
+One file, one handler class, one test. Subclass `ExportFormat` and decorate it with
+`@register_export_format(name)` (`name` is what `moeify.export(..., format=name)` and
+`moeify export --format name` take; a name already registered is a ValueError). The class declares,
+in one place:
+
+- what it can hold: `shared_expert`, `dense_layers` (the checks below refuse the rest, naming the
+  formats that can hold it), and `refusal(name, layer)` for anything else it cannot hold exactly;
+- its transformers config fields: `config_fields(source)` (number of experts, expert width, sliding
+  window; the fields every format shares are added by moeify.export); `model_type` if the
+  transformers model_type differs from the name;
+- its tensor names: `moe_tensors(prefix, layer, dtype)` (the default is the Mixtral / Qwen layout);
+  attention, norms and embeddings are matched by name.
+
+moeify.export then checks the written checkpoint's logits against the moeify model's. The built-in
+formats (moeify/hub/formats/mixtral.py, qwen.py) are the examples; a new built-in one is imported
+in moeify/hub/formats/__init__.py, and its test parametrizes tests/test_export.py's CASES.
 
 Shape legend: D model dim, I expert intermediate dim, E experts, S shared experts.
 """
@@ -8,66 +28,46 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import nn
 
-from moeify.convert import moe_layers
+from moeify.hub.formats import (
+    ExportError,
+    ExportFormat,
+    ExportSource,
+    MoeShape,
+    export_format,
+    export_format_names,
+    register_export_format,
+)
+from moeify.hub.formats.base import is_zero, refuse
 from moeify.layers.experts import PackedExperts
+from moeify.layers.inventory import moe_layers
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers.linear import LinearRouter
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PretrainedConfig
 
 
-class ExportError(ValueError):
-    """The model cannot be written exactly in the requested native format; the message says why."""
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """What one native MoE family can hold, as data."""
-
-    experts_field: str  # the config field holding E
-    shared_expert: bool  # Qwen2-MoE's sigmoid-gated shared expert
-    dense_layers: bool  # `mlp_only_layers`: some layers may stay dense
-    bias_field: str | None  # the config flag that gives attention projections a bias
-
-
-FORMATS: dict[str, ExportFormat] = {  # by model_type
-    "mixtral": ExportFormat("num_local_experts", shared_expert=False, dense_layers=False, bias_field=None),
-    "qwen2_moe": ExportFormat("num_experts", shared_expert=True, dense_layers=True, bias_field="qkv_bias"),
-    "qwen3_moe": ExportFormat("num_experts", shared_expert=False, dense_layers=True, bias_field="attention_bias"),
-}
 # Decoders whose blocks are pre-norm RMSNorm + rotary attention + SwiGLU MLP at `model.layers.N.mlp`,
 # with the same parameter names as the targets. Other parts (q/k norms, biases) are matched by name.
 BASES = ("llama", "mistral", "qwen2", "qwen3")
 _SITE = re.compile(r"model\.layers\.(\d+)\.mlp")
 
 
-@dataclass(frozen=True)
-class MoeShape:
-    """What every MoE layer must share: the native formats have one of each per model."""
-
-    num_experts: int
-    top_k: int
-    intermediate_size: int
-    num_shared: int
-    temperature: float
-    normalize_topk: bool = True  # the formats' norm_topk_prob (Mixtral always renormalises)
-    shared_intermediate_size: int = 0  # a shared expert's width: the whole FFN's, also when routed ones are slices
+def _alternatives(can: Callable[[ExportFormat], bool]) -> str:
+    """The registered formats that hold what another one cannot, for refusal messages."""
+    names = [name for name in export_format_names() if can(export_format(name))]
+    return " / ".join(f"'{name}'" for name in names) or "none registered"
 
 
-def refuse(fmt: str, reason: str) -> ExportError:
-    return ExportError(f"moeify.export(format={fmt!r}): {reason}")
-
-
-def check_model(model: nn.Module, fmt: str) -> dict[int, MoeLayer]:
+def check_model(model: nn.Module, handler: ExportFormat) -> dict[int, MoeLayer]:
     """The base family and the MoE layers by block index; refuses what is not a supported moeify LM."""
-    if fmt not in FORMATS:
-        raise ExportError(f"moeify.export: unknown format {fmt!r}; supported formats: {sorted(FORMATS)}")
+    fmt = handler.name
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in BASES:
         raise refuse(
@@ -90,10 +90,6 @@ def check_model(model: nn.Module, fmt: str) -> dict[int, MoeLayer]:
     return layers
 
 
-def is_zero(tensors: list[Tensor | None]) -> bool:
-    return all(t is None or not bool(t.detach().count_nonzero()) for t in tensors)
-
-
 def _check_experts(fmt: str, name: str, experts: nn.Module, act_type: type) -> None:
     if not isinstance(experts, PackedExperts) or not experts.gated:
         kind = type(experts).__name__ if not isinstance(experts, PackedExperts) else "a non-gated (act(W x)) MLP"
@@ -107,9 +103,10 @@ def _check_experts(fmt: str, name: str, experts: nn.Module, act_type: type) -> N
         raise refuse(fmt, f"{name} has nonzero biases; the native experts have no biases")
 
 
-def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeShape:
+def _layer_shape(handler: ExportFormat, name: str, layer: MoeLayer, hidden_act: str) -> MoeShape:
     from transformers.activations import ACT2FN
 
+    fmt = handler.name
     if not isinstance(layer.router, LinearRouter):
         raise refuse(
             fmt,
@@ -134,12 +131,9 @@ def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeSh
             f"{name} has a nonzero expert bias (balance_bias_rate): it changes which experts are chosen, and the "
             "native routers choose by the router's probabilities alone",
         )
-    if not layer.normalize_topk and fmt == "mixtral":
-        raise refuse(
-            fmt,
-            f"{name} weighs the chosen experts by their raw probabilities (normalize_topk=False) and Mixtral always "
-            "renormalises them; use format='qwen2_moe' / 'qwen3_moe' (norm_topk_prob=False)",
-        )
+    reason = handler.refusal(name, layer)  # what this format alone cannot hold
+    if reason is not None:
+        raise refuse(fmt, reason)
     mantissa, _ = math.frexp(layer.temperature)
     if mantissa != 0.5:
         raise refuse(
@@ -154,10 +148,13 @@ def _layer_shape(fmt: str, name: str, layer: MoeLayer, hidden_act: str) -> MoeSh
     )
 
 
-def check_shapes(fmt: str, base_config: PretrainedConfig, layers: dict[int, MoeLayer]) -> tuple[MoeShape, list[int]]:
+def check_shapes(
+    handler: ExportFormat, base_config: PretrainedConfig, layers: dict[int, MoeLayer]
+) -> tuple[MoeShape, list[int]]:
     """One MoeShape for all layers, and the block indices left dense."""
+    fmt = handler.name
     distinct = {
-        _layer_shape(fmt, f"model.layers.{i}.mlp", layer, base_config.hidden_act) for i, layer in layers.items()
+        _layer_shape(handler, f"model.layers.{i}.mlp", layer, base_config.hidden_act) for i, layer in layers.items()
     }
     if len(distinct) > 1:
         raise refuse(
@@ -165,19 +162,33 @@ def check_shapes(fmt: str, base_config: PretrainedConfig, layers: dict[int, MoeL
         )
     shape = distinct.pop()
     dense = [i for i in range(base_config.num_hidden_layers) if i not in layers]
-    target = FORMATS[fmt]
-    if dense and not target.dense_layers:
+    if dense and not handler.dense_layers:
         raise refuse(
             fmt,
             f"layers {dense} were left dense and {fmt} has only MoE layers; convert every layer, or use "
-            "format='qwen2_moe' / 'qwen3_moe' (their mlp_only_layers hold dense layers)",
+            f"format={_alternatives(lambda f: f.dense_layers)} (they hold dense layers, e.g. in mlp_only_layers)",
         )
-    if shape.num_shared and not target.shared_expert:
+    if shape.num_shared and not handler.shared_expert:
         nonzero = [i for i, layer in layers.items() if not is_zero(layer.shared_experts.output_parameters())]
         if nonzero:
             raise refuse(
                 fmt,
                 f"layers {nonzero} have {shape.num_shared} shared expert(s) with nonzero weights and {fmt} has no "
-                "shared expert; use a format with one (qwen2_moe), or convert with num_shared_experts=0",
+                f"shared expert; use a format with one (format={_alternatives(lambda f: f.shared_expert)}), or convert "
+                "with num_shared_experts=0",
             )
     return shape, dense
+
+
+__all__ = [
+    "BASES",
+    "ExportError",
+    "ExportFormat",
+    "ExportSource",
+    "MoeShape",
+    "check_model",
+    "check_shapes",
+    "export_format",
+    "export_format_names",
+    "register_export_format",
+]

@@ -1,11 +1,12 @@
 """`moeify.from_pretrained(directory_or_repo_id)`: rebuild, re-convert, then load strictly.
 
-The peft pattern (NOTES.md, "transformers v5"): the dense base model is rebuilt from its saved
-config with its parameters on the meta device (`accelerate.init_empty_weights`, which keeps
-buffers such as rotary `inv_freq` real), the conversion recipes are re-applied with
-`verify=False` (conversion is deterministic given the recipe), and the weights are assigned
-strictly: every key of the files must be a key of the rebuilt model and the other way round, or
-nothing is read and the error names the keys. Only safetensors files are ever opened.
+The peft pattern (a plain transformers v5 `from_pretrained` would re-initialise the dense FFNs): the
+dense base model is rebuilt from its saved config with its parameters on the meta device
+(`accelerate.init_empty_weights`, which keeps buffers such as rotary `inv_freq` real), the
+conversion recipes are re-applied with `verify=False` (conversion is deterministic given the
+recipe), and the weights are assigned strictly: every key of the files must be a key of the rebuilt
+model and the other way round, or nothing is read and the error names the keys. Only safetensors
+files are ever opened.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from moeify.atomic import as_directory, recover
 from moeify.config import MoeifyConfig
 from moeify.control.routing import routing_control
-from moeify.convert import MoeifyState, moe_layers, moeify
+from moeify.convert import MoeifyState, moeify
 from moeify.hub.checks import (
     CheckpointError,
     check_keys,
@@ -33,6 +34,7 @@ from moeify.hub.checks import (
 )
 from moeify.hub.companions import download_patterns, remember_source
 from moeify.hub.save import GENERATION_CONFIG, MOEIFY_CONFIG
+from moeify.layers.inventory import moe_layers
 from moeify.surgery import ConversionError
 
 

@@ -16,10 +16,11 @@ strictly. What a moeify directory holds:
                             outside the checksums: they may be replaced without touching the model
 
 Plain `AutoModel.from_pretrained(directory)` must not build a dense model with random FFNs from
-these files (NOTES.md, "transformers v5"). The weights are not named `model.safetensors` /
-`diffusion_pytorch_model.safetensors`, so no plain loader finds them, and config.json's
-`model_type` (transformers) and `_class_name` (diffusers' AutoModel) are a name no library knows,
-which their "does not recognize this architecture" errors quote: it says what to use instead.
+these files (transformers v5 re-initialises the weights it cannot place;
+test_plain_loaders_fail_loudly). The weights are not named `model.safetensors` /
+`diffusion_pytorch_model.safetensors`, so no plain loader finds them, and config.json's `model_type`
+(transformers) and `_class_name` (diffusers' AutoModel) are a name no library knows, which their
+"does not recognize this architecture" errors quote: it says what to use instead.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from moeify._version import __version__
 from moeify.atomic import as_directory, staged_directory
-from moeify.convert import model_class, unwrap
 from moeify.hub.companions import Saveable, check_savers, is_companion, write_companions
+from moeify.layers.inventory import model_class, peft_module_name, unwrap
 
 # 2: the record may hold "captured", FFNs found on example inputs (moeify.surgery.record). A
 # checkpoint without them is still written as format 1, which older moeify versions read.
@@ -187,7 +189,7 @@ def _check_directory(directory: Path) -> None:
 def _check_no_peft(model: nn.Module) -> None:
     """A peft-wrapped model's state dict holds adapters under peft's names, which moeify.from_pretrained
     cannot rebuild: refuse it rather than write a checkpoint that does not load."""
-    found = next((n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    found = peft_module_name(model)
     if found is not None:
         raise ValueError(
             f"moeify.save_pretrained: this {type(model).__name__} holds peft adapters (at {found or 'the root'}). "
@@ -321,8 +323,6 @@ def _write(
     processor: Saveable | None,
 ) -> Path:
     from huggingface_hub import save_torch_state_dict
-
-    from moeify import __version__
 
     captured = _captured(state)
     version = FORMAT_VERSION if captured else 1

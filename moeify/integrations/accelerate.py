@@ -53,9 +53,9 @@ except ImportError as error:  # pragma: no cover - accelerate is a core dependen
 
 from moeify.atomic import as_directory, staged_for_ranks
 from moeify.control.routing import routing_control
-from moeify.convert import moe_layers
 from moeify.distributed.data_parallel import keep_stats_local
 from moeify.distributed.expert_parallel import is_expert_parallel
+from moeify.layers.inventory import moe_layers
 from moeify.precision.guards import Bf16Guard
 
 STATE_FORMAT = 1
@@ -83,7 +83,7 @@ def fsdp2_plugin(**kwargs: Any) -> accelerate.FullyShardedDataParallelPlugin | N
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     # accelerate would build MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16): gradient
-    # sums in bf16 lose the small contributions of each rank (../NOTES.md, bf16).
+    # sums in bf16 lose the small contributions of each rank (test_fsdp2_config_with_plugin_reduces_in_fp32).
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kwargs.setdefault("fsdp_version", 2)
     return accelerate.FullyShardedDataParallelPlugin(mixed_precision_policy=policy, **kwargs)

@@ -47,8 +47,9 @@ try:
 except ImportError as error:  # pragma: no cover - peft is a core dependency
     raise ImportError("moeify.integrations.peft needs peft: pip install 'peft>=0.19'") from error
 
-from moeify.convert import moe_layers
 from moeify.layers.experts import ModuleExperts, PackedExperts
+from moeify.layers.inventory import is_peft_module, moe_layers, peft_module_name, require_moe_layers
+from moeify.monitors.homogenization import register_expert_weight_reader
 
 RECIPES = {
     "routers+shared": "routers and shared experts trained in full (modules_to_save), no LoRA, the rest frozen",
@@ -100,9 +101,7 @@ def _expert_targets(prefix: str, experts: nn.Module) -> tuple[list[str], list[st
 def moe_targets(model: nn.Module) -> MoeTargets:
     """Every router, expert and dense linear layer of a converted model, by name, for peft configs."""
     _check_plain(model)
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+    layers = require_moe_layers(model)
     targets = MoeTargets()
     for name, layer in layers:
         targets.routers.append(f"{name}.router")
@@ -126,7 +125,7 @@ def moe_targets(model: nn.Module) -> MoeTargets:
 
 
 def _check_plain(model: nn.Module) -> None:
-    wrapped = next((n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    wrapped = peft_module_name(model)
     if wrapped is not None:
         raise ValueError(
             f"{type(model).__name__} already holds peft modules ({wrapped or 'the model itself'}): build the config "
@@ -248,6 +247,13 @@ def adapted_expert_weights(experts: nn.Module) -> list[Tensor | list[Tensor]]:
         per_expert = [[t.reshape(-1) for t in _effective_parameters(e)] for e in experts.experts]
         return [list(group) for group in zip(*per_expert)]
     raise TypeError(f"expected moeify experts under peft adapters, got {type(experts).__name__}")
+
+
+def _holds_adapters(experts: nn.Module) -> bool:
+    return any(is_peft_module(m) for m in experts.modules())
+
+
+register_expert_weight_reader(_holds_adapters, adapted_expert_weights)
 
 
 def _group_of(name: str, layer_names: set[str]) -> str:

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from moeify.convert import aux_loss, moe_layers
+from moeify.convert import aux_loss
+from moeify.layers.inventory import moe_layers
 from moeify.surgery.hooks import accumulation_share
 
 

@@ -85,7 +85,8 @@ def _product(x_AI: Tensor, weight_EOI: Tensor, tokens_per_expert_E: Tensor) -> T
         offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         return torch._grouped_mm(x_AI, weight_EOI.transpose(-2, -1), offs=offsets_E)
     # One host sync for the split sizes. unbind(0) once: indexing weight[e] in the loop would
-    # make each expert's backward zero-fill a full [E, out, in] gradient (../NOTES: 1.3-5x).
+    # make each expert's backward zero-fill a full [E, out, in] gradient (measured: forward +
+    # backward 1.3-2.0x slower, 5.3x at 256 tokens).
     sizes = tokens_per_expert_E.tolist()
     return torch.cat([chunk @ w_OI.T for chunk, w_OI in zip(x_AI.split(sizes), weight_EOI.unbind(0))])
 

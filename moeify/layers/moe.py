@@ -115,7 +115,8 @@ class MoeLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
         # The statistics stay fp32 across `.to(torch.bfloat16)` / `.half()`, as the routers do
-        # (Fp32Module): bf16 sums lose their tail after a few hundred tokens (issue 4).
+        # (Fp32Module): bf16 sums lose their tail after a few hundred tokens
+        # (test_routers_and_statistics_stay_fp32_in_a_bf16_model).
         # So does the selection bias: its steps are ~1e-3 of scores in [0, 1].
         fp32_buffers = {id(self.stat_sums), id(self.stat_prob_sum), id(self.expert_bias)}
 

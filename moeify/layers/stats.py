@@ -17,6 +17,7 @@ Under a padding mask (`keep_T`) every sum runs over the kept tokens only.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moeify.layers.losses import token_sum
@@ -53,3 +54,12 @@ def accumulate(
     )
     sums.add_(update)
     prob_sum_E.add_(token_sum(probs_TE, keep_T))
+
+
+def sum_over_ranks(*tensors: Tensor) -> None:
+    """Add each tensor up over the ranks of the default process group, in place, one all-reduce
+    each; nothing happens on a single process. Counts stay int64 (fp32 holds integers exactly
+    only below 2**24, which a long window on many ranks passes)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

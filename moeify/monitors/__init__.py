@@ -19,7 +19,7 @@ from moeify.monitors.deadlock import Deadlock
 from moeify.monitors.early_warning import ImbalanceEarlyWarning
 from moeify.monitors.ecology import Ecology, ecology_number
 from moeify.monitors.entropy import RouterEntropy
-from moeify.monitors.homogenization import ExpertHomogenization
+from moeify.monitors.homogenization import ExpertHomogenization, register_expert_weight_reader
 from moeify.monitors.load import ExpertLoad
 from moeify.monitors.lost_updates import LostUpdates
 from moeify.monitors.maturity import SharedMaturity
@@ -48,5 +48,6 @@ __all__ = [
     "event",
     "gather",
     "monitor_names",
+    "register_expert_weight_reader",
     "register_monitor",
 ]

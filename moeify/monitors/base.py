@@ -95,6 +95,89 @@ def event(step: int, monitor: str, layer: str | None, kind: str, detail: str, **
     return {"step": step, "monitor": monitor, "layer": layer, "kind": kind, "detail": detail, **extra}
 
 
+# ---------------------------------------------------------------------------------------------
+# How a monitor appears on the model card (moeify.hub.card, moeify.hub.plots). `order` places a
+# declaration among every registered monitor's declarations of its sort (lower first, equal ones in
+# registration order): the built-in monitors use 10, 20, ...; a new monitor's default goes last.
+
+FORMATS = ("num", "count", "flag")
+REDUCTIONS = ("sum", "min", "layers", "count")
+PLOT_STYLES = ("lines", "expert_heatmap", "deadlock_map")
+
+
+@dataclass(frozen=True)
+class CardColumn:
+    """A column of the card's per-layer routing-health table.
+
+    The cell of a layer is `summary()["layers"][layer][key]` (or `summary()[layer][key]` for a
+    summary without "layers"), else the layer's `last_key` in the monitor's last `observe`
+    metrics, else "–". `format`: "num" (3 significant digits, "∞"), "count" (a number, or a list
+    shown as its length and items), "flag" ("**yes**" / "no"). A column no layer has a value in
+    is left out."""
+
+    title: str
+    key: str
+    last_key: str | None = None
+    format: str = "num"
+    order: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.title or not self.key:
+            raise ValueError(f"a card column needs a title and a summary key, got {self!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"card column {self.title!r}: format must be one of {FORMATS}, got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class CardFigure:
+    """A model-wide number in the card's `routing_health` YAML block (and template variable
+    `health.figures.<name>`): either the value at `path` in `summary()` (e.g. ("model",
+    "kappa_max"); left out when absent or None), or a reduction of the per-layer values of `key`
+    (read as `CardColumn` reads a cell, `last_key` its fallback): "sum" of counts (lists count
+    their items), "min", "layers" (names of the layers whose value is true), "count" (layers with
+    a value)."""
+
+    name: str
+    path: tuple[str, ...] = ()
+    key: str = ""
+    last_key: str | None = None
+    reduce: str = ""
+    order: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.name or bool(self.path) == bool(self.key):
+            raise ValueError(f"card figure {self.name!r}: give either a summary path or a per-layer key, got {self!r}")
+        if self.key and self.reduce not in REDUCTIONS:
+            raise ValueError(f"card figure {self.name!r}: reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        if self.path and self.reduce:
+            raise ValueError(f"card figure {self.name!r}: reduce={self.reduce!r} needs a per-layer key, not a path")
+
+
+@dataclass(frozen=True)
+class CardPlot:
+    """A PNG under diagnostics/ drawn from the monitor's per-step `observe` metrics (the run's
+    history) and embedded in the card with `caption`. `style`: "lines" (one line per layer of
+    `metric` over steps, `ylabel`, `ylim`), "expert_heatmap" (the `metric`<e> share of every
+    expert of every layer over steps), "deadlock_map" (k x the largest `metric`<e> share per layer
+    over steps, events of kind `marks` drawn on it). Written when the run holds the monitor."""
+
+    file: str
+    caption: str
+    style: str
+    metric: str
+    title: str = ""
+    ylabel: str = ""
+    ylim: tuple[float, float] | None = None
+    marks: str = ""
+    order: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.file.endswith(".png") or "/" in self.file:
+            raise ValueError(f"card plot {self.file!r}: the file must be a plain name ending in .png")
+        if self.style not in PLOT_STYLES:
+            raise ValueError(f"card plot {self.file!r}: style must be one of {PLOT_STYLES}, got {self.style!r}")
+
+
 class Monitor:
     """Base class of monitors. Subclasses set `name` and implement `observe`.
 
@@ -105,6 +188,17 @@ class Monitor:
     A monitor that keeps state across steps (streaks, windows, references) returns it from
     `state_dict` and takes it back in `load_state_dict`, so that a resumed run continues exactly
     as an uninterrupted one would.
+
+    How a monitor gets onto the model card (`moeify.model_card`, `moeify.push_to_hub`): register
+    it (`register_monitor`) and declare, as class attributes, what the card shows of it; the card
+    and its plots read these declarations of every registered monitor and keep no list of their
+    own. `card_columns`: per-layer table columns (`CardColumn`: title, key in the per-layer
+    summary, format). `card_figures`: model-wide numbers for the card's YAML block (`CardFigure`:
+    a path into `summary()` or a reduction over layers). `card_plots`: PNGs drawn from the
+    per-step metrics of `observe` (`CardPlot`). `resolved_events`: the event kinds that end a
+    problem (a revival, a recovery): the card lists them after the ones that start one when it
+    has to leave events out. tests/test_card.py runs every registered monitor for a few steps
+    and fails on a declared key its summary does not produce.
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +207,11 @@ class Monitor:
     acts: ClassVar[bool] = False
     # Monitors whose events it needs: the runner refuses to start without them.
     requires: ClassVar[tuple[str, ...]] = ()
+    # On the model card (see the class docstring): nothing unless declared.
+    card_columns: ClassVar[tuple[CardColumn, ...]] = ()
+    card_figures: ClassVar[tuple[CardFigure, ...]] = ()
+    card_plots: ClassVar[tuple[CardPlot, ...]] = ()
+    resolved_events: ClassVar[tuple[str, ...]] = ()
 
     def attach(self, model: nn.Module, layer_names: list[str]) -> None:
         """Called once when the runner starts, before any training step (e.g. to snapshot weights)."""
@@ -158,3 +257,20 @@ def build_monitor(name: str) -> Monitor:
 
 def monitor_names() -> tuple[str, ...]:
     return tuple(sorted(_MONITORS))
+
+
+def monitor_class(name: str) -> type[Monitor]:
+    """The class a registered monitor is built from (a factory that is no class is called once)."""
+    if name not in _MONITORS:
+        raise ValueError(f"unknown monitor {name!r}; registered monitors: {sorted(_MONITORS)}")
+    factory = _MONITORS[name]
+    return factory if isinstance(factory, type) else type(factory())
+
+
+def card_declarations(attribute: str) -> list[tuple[str, Any]]:
+    """(monitor name, declaration) for every registered monitor's `attribute` ("card_columns",
+    "card_figures" or "card_plots"), by their `order` (equal orders in registration order)."""
+    if attribute not in ("card_columns", "card_figures", "card_plots"):
+        raise ValueError(f"attribute must be card_columns, card_figures or card_plots, got {attribute!r}")
+    found = [(name, d) for name in _MONITORS for d in getattr(monitor_class(name), attribute)]
+    return sorted(found, key=lambda item: item[1].order)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.streak import Streak
 
 PAPER = "E = T*H/(O+B): A Dimensionless Control Parameter for Mixture-of-Experts Ecology"
@@ -40,6 +40,12 @@ PAPER_DEAD_BATCHES = 100  # its dead experts: zero routing for more than this ma
 
 class DeadExperts(Monitor):
     name = "dead_experts"
+    card_columns = (
+        CardColumn("dead experts", "dead_now", last_key="dead", format="count", order=40),
+        CardColumn("ever dead", "ever_dead", format="count", order=50),
+    )
+    card_figures = (CardFigure("dead_experts", key="dead_now", last_key="dead", reduce="sum", order=10),)
+    resolved_events = ("revived",)
 
     def __init__(self, *, dead_after: int = 100) -> None:
         if dead_after < 1:

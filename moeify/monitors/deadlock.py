@@ -57,7 +57,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardColumn, CardFigure, Event, LayerStats, Monitor, StepStats, event, register_monitor
 from moeify.monitors.streak import Streak
 
 
@@ -123,6 +123,17 @@ def prob_dominance(layer: LayerStats, expert: int) -> float:
 
 class Deadlock(Monitor):
     name = "deadlock"
+    card_columns = (CardColumn("deadlocked", "deadlocked", last_key="deadlocked", format="flag", order=60),)
+    card_figures = (
+        CardFigure("deadlocked_layers", key="deadlocked", last_key="deadlocked", reduce="layers", order=20),
+        CardFigure("ever_deadlocked_fraction", path=("model", "depth_profile", "ever_deadlocked_fraction"), order=50),
+        CardFigure("deadlock_u_thirds", path=("model", "depth_profile", "u_thirds"), order=60),
+        # Its bootstrap interval over layers: a U read off a handful of layers is weak evidence.
+        CardFigure("deadlock_u_thirds_interval", path=("model", "depth_profile", "u_thirds_interval"), order=70),
+        # Of the layer-steps that top-k counts alone call deadlocked, the share the router's probability did not follow.
+        CardFigure("deadlock_assignment_only_share", path=("model", "assignment_only_share"), order=80),
+    )
+    resolved_events = ("recovered",)
 
     def __init__(
         self,

@@ -62,14 +62,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardColumn, CardFigure, Event, LayerStats, Monitor, StepStats, event, register_monitor
+from moeify.monitors.load import imbalance
 from moeify.theory.estimate import MIN_OBSERVATIONS, detrend, kappa_from_rate, relaxation_rate
-
-
-def imbalance(shares: tuple[float, ...]) -> float:
-    """Coefficient of variation of the load shares (0 = balanced)."""
-    mean = 1.0 / len(shares)
-    return (sum((s - mean) ** 2 for s in shares) / len(shares)) ** 0.5 / mean
 
 
 def indicators(xs: list[float]) -> tuple[float, float]:
@@ -95,6 +90,14 @@ class _Layer:
 
 class ImbalanceEarlyWarning(Monitor):
     name = "imbalance_early_warning"
+    card_columns = (
+        CardColumn("feedback kappa", "kappa", last_key="kappa", order=100),
+        CardColumn("imbalance warnings", "warnings", format="count", order=110),
+    )
+    card_figures = (
+        CardFigure("imbalance_warned_layers", path=("model", "layers_warned"), order=120),
+        CardFigure("feedback_kappa_max", path=("model", "kappa_max"), order=130),
+    )
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.dead import PAPER, PAPER_DEAD_BATCHES, DeadExperts
 
 CLAIM = (
@@ -60,6 +60,8 @@ def ecology_number(temperature: float, entropy_weight: float, oracle_weight: flo
 
 class Ecology(Monitor):
     name = "ecology"
+    card_columns = (CardColumn("ecology E", "E", last_key="E", order=80),)
+    card_figures = (CardFigure("ecology_E_min", key="E", last_key="E", reduce="min", order=30),)
 
     def __init__(
         self,

@@ -43,12 +43,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import (
+    CardColumn,
+    CardFigure,
+    CardPlot,
+    Event,
+    LayerStats,
+    Monitor,
+    StepStats,
+    event,
+    register_monitor,
+)
 from moeify.monitors.streak import Streak
 
 
 class RouterEntropy(Monitor):
     name = "router_entropy"
+    card_columns = (CardColumn("entropy", "entropy", last_key="entropy", order=30),)
+    card_figures = (
+        CardFigure("soft_saturated_layers", path=("model", "soft_saturated_layers"), order=90),
+        CardFigure("saturated_layers", path=("model", "saturated_layers"), order=100),
+    )
+    card_plots = (
+        CardPlot("entropy.png", "Router entropy per layer over training", style="lines", metric="entropy",
+                 title="router entropy per layer", ylabel="entropy / log E", ylim=(0.0, 1.05), order=20),
+    )
+    resolved_events = ("soft_saturation_ended", "saturation_ended")
 
     def __init__(
         self,

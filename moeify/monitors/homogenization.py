@@ -26,6 +26,8 @@ homogeneous experts). "diversified" when an expert pair separates again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 import torch
@@ -33,18 +35,43 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from moeify.layers.experts import ModuleExperts, PackedExperts
-from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
+from moeify.layers.inventory import is_peft_module
+from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 
 _TINY = 1e-30
 
 
-def expert_weights(experts: nn.Module) -> list[Tensor | list[Tensor]]:
-    """Per parameter, the E experts' values: one [E, n] view (packed) or E flat [n] tensors."""
-    if any(type(m).__module__.split(".")[0] == "peft" for m in experts.modules()):
-        # peft adapters change what each expert computes: read W + ΔW, as the forward does.
-        from moeify.integrations.peft import adapted_expert_weights
+ExpertWeights = list[Tensor | list[Tensor]]
+# Readers for experts whose weights are not all in their own parameters (an adapter adds ΔW), as
+# (predicate, reader) pairs tried in order before the plain layouts. moeify.integrations.peft
+# registers the one for peft adapters when it is imported.
+_READERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], ExpertWeights]]] = []
 
-        return adapted_expert_weights(experts)
+
+def register_expert_weight_reader(
+    predicate: Callable[[nn.Module], bool], reader: Callable[[nn.Module], ExpertWeights]
+) -> None:
+    """Make `expert_weights(experts)` return `reader(experts)` whenever `predicate(experts)` holds:
+    per parameter, the E experts' weights as their forward computes with them. A reader already
+    registered is refused."""
+    if not callable(predicate) or not callable(reader):
+        got = f"{type(predicate).__name__}, {type(reader).__name__}"
+        raise TypeError(f"predicate and reader must be callables, got {got}")
+    if any(reader is known for _, known in _READERS):
+        raise ValueError(f"expert weight reader {getattr(reader, '__qualname__', reader)!r} is already registered")
+    _READERS.append((predicate, reader))
+
+
+def expert_weights(experts: nn.Module) -> ExpertWeights:
+    """Per parameter, the E experts' values: one [E, n] view (packed) or E flat [n] tensors."""
+    if any(is_peft_module(m) for m in experts.modules()):
+        # peft adapters change what each expert computes (W + ΔW); their reader lives with the
+        # peft glue, which registers it on import. peft itself is loaded already when its modules
+        # are in the model, so this import costs nothing more.
+        import_module("moeify.integrations.peft")
+    for predicate, reader in _READERS:
+        if predicate(experts):
+            return reader(experts)
     if isinstance(experts, PackedExperts):
         params = [p for p in (experts.w_in, experts.b_in, experts.w_out, experts.b_out) if p is not None]
         return [p.detach().reshape(experts.num_experts, -1) for p in params]
@@ -105,6 +132,9 @@ def distances(now_EM: Tensor, start_EM: Tensor) -> Tensor:
 
 class ExpertHomogenization(Monitor):
     name = "expert_homogenization"
+    card_columns = (CardColumn("expert spread", "spread_max", last_key="spread_max", order=90),)
+    card_figures = (CardFigure("homogeneous_layers", path=("model", "homogeneous_layers"), order=110),)
+    resolved_events = ("diversified",)
 
     def __init__(
         self,

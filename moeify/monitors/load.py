@@ -12,11 +12,35 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moeify.monitors.base import Event, Monitor, StepStats, register_monitor
+from moeify.monitors.base import CardColumn, CardPlot, Event, LayerStats, Monitor, StepStats, register_monitor
+
+
+def imbalance(shares: tuple[float, ...]) -> float:
+    """Coefficient of variation of the load shares (std / mean; 0 = balanced)."""
+    mean = 1.0 / len(shares)
+    return math.sqrt(sum((s - mean) ** 2 for s in shares) / len(shares)) / mean
+
+
+def load_cv(layer: LayerStats) -> float:
+    """`imbalance` of a layer's load shares; 0 for a window without tokens."""
+    return imbalance(layer.load_share) if layer.tokens else 0.0
 
 
 class ExpertLoad(Monitor):
     name = "expert_load"
+    card_columns = (
+        CardColumn("load cv", "cv", last_key="cv", order=10),
+        CardColumn("max/mean load", "max_mean", last_key="max_mean", order=20),
+    )
+    card_plots = (
+        CardPlot("load_heatmap.png", "Expert load share per layer and expert over training", style="expert_heatmap",
+                 metric="share_", title="expert load share (layer x expert over time)", order=10),
+        # Drawn from the load shares (k x the largest share per layer: 1 = one expert takes every
+        # token it can), the deadlock monitor's events marked on it.
+        CardPlot("deadlock_map.png", "Deadlock map: the top expert's share of its maximum over depth and time",
+                 style="deadlock_map", metric="share_", marks="deadlocked",
+                 title="deadlock map: top expert's share of its maximum (k x max share)", order=30),
+    )
 
     def __init__(self) -> None:
         self._last: dict[str, dict[str, float]] = {}
@@ -27,7 +51,7 @@ class ExpertLoad(Monitor):
         for layer in stats.layers:
             share = layer.load_share
             mean = 1.0 / layer.num_experts
-            cv = math.sqrt(sum((s - mean) ** 2 for s in share) / layer.num_experts) / mean if layer.tokens else 0.0
+            cv = load_cv(layer)
             values = {"cv": cv, "max_mean": (max(share) / mean) if layer.tokens else 0.0, "top_k": float(layer.top_k)}
             values.update({f"share_{e}": s for e, s in enumerate(share)})
             metrics[layer.name] = values

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.precision.counter import LostUpdateCounter
 
 
 class LostUpdates(Monitor):
     name = "lost_updates"
+    card_figures = (CardFigure("lost_update_fraction", path=("model", "lost_fraction"), order=140),)
 
     def __init__(
         self,

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.monitors.base import Event, Monitor, StepStats, event, register_monitor
+from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.deadlock import Deadlock
 
 
 class SharedMaturity(Monitor):
     name = "shared_maturity"
+    card_columns = (CardColumn("shared/routed", "ratio_now", last_key="ratio", order=70),)
+    card_figures = (CardFigure("shared_matured_layers", key="matured_step", reduce="count", order=40),)
+    resolved_events = ("matured",)
 
     def __init__(
         self,

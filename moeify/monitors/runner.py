@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moeify.convert import moe_layers
+from moeify.layers.inventory import require_moe_layers
 from moeify.layers.moe import MoeLayer
+from moeify.layers.stats import sum_over_ranks
 from moeify.monitors.base import DEFAULT_MONITORS, Event, LayerStats, Monitor, StepStats, build_monitor
 
 STATE_FORMAT = 1
@@ -37,9 +37,7 @@ def gather(layers: Sequence[tuple[str, MoeLayer]], *, reset: bool = True) -> lis
         return []
     counts_flat = torch.cat([m.tokens_per_expert for _, m in layers])
     sums_flat = torch.cat([torch.cat([m.stat_prob_sum, m.stat_sums]).to(counts_flat.device) for _, m in layers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts_flat, op=dist.ReduceOp.SUM)
-        dist.all_reduce(sums_flat, op=dist.ReduceOp.SUM)
+    sum_over_ranks(counts_flat, sums_flat)
     all_counts, values = counts_flat.cpu().tolist(), sums_flat.cpu().tolist()
     out, offset, count_offset = [], 0, 0
     for depth, (name, layer) in enumerate(layers):
@@ -64,9 +62,7 @@ class MonitorRunner:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.model = model
-        self.layers = moe_layers(model)
-        if not self.layers:
-            raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+        self.layers = require_moe_layers(model)
         self.monitors = list(monitors)
         self.sinks = list(sinks)
         self.every_n_steps = every_n_steps

@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from moeify.convert import moe_layers
 from moeify.layers import losses, scoring
+from moeify.layers.inventory import moe_layers, no_moe_layers
 from moeify.layers.moe import MoeLayer
-from moeify.layers.stats import INDEX, STATS
+from moeify.layers.stats import INDEX, STATS, sum_over_ranks
 from moeify.monitors.base import Event, LayerStats, Monitor, StepStats, register_monitor
+from moeify.monitors.load import load_cv
 
 TIME_COLUMNS = 3  # per bucket: sum of t, timesteps counted, timesteps above max_timestep
 
@@ -125,7 +125,7 @@ class TimestepRouting(Monitor):
             raise RuntimeError("this TimestepRouting is attached to another model: detach() it first")
         layers = [(n, m) for n, m in moe_layers(model) if layer_names is None or n in layer_names]
         if not layers:
-            raise ValueError(f"{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
+            raise no_moe_layers(model)
         self._position = _positional_index(model.forward, self.arg)
         parameters = inspect.signature(model.forward).parameters.values()
         if self._position is None and not any(p.name == self.arg or p.kind == p.VAR_KEYWORD for p in parameters):
@@ -188,8 +188,7 @@ class TimestepRouting(Monitor):
             raise RuntimeError("TimestepRouting.read(): attach(model) first")
         device = self._times_UX.device
         flat = torch.cat([self._times_UX.flatten()] + [b.flatten().to(device) for b in self._buffers])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        sum_over_ranks(flat)
         host = flat.cpu().double()
         if reset:  # the window is consumed: it joins the run's total
             self._times_UX.zero_()
@@ -289,9 +288,7 @@ def _layer_stats(name: str, depth: int, layer: MoeLayer, row: list[float]) -> La
 
 def _load_metrics(layer: LayerStats) -> dict[str, float]:
     share = layer.load_share
-    mean = 1.0 / layer.num_experts
-    cv = math.sqrt(sum((s - mean) ** 2 for s in share) / layer.num_experts) / mean if layer.tokens else 0.0
-    return {"cv": cv, "entropy": layer.entropy, **{f"share_{e}": s for e, s in enumerate(share)}}
+    return {"cv": load_cv(layer), "entropy": layer.entropy, **{f"share_{e}": s for e, s in enumerate(share)}}
 
 
 def format_table(entries: list[TimestepStats]) -> str:

@@ -1,6 +1,7 @@
-"""bf16 safeguards (issue 4): predict lost updates (`check_bf16`), keep them (`guard_bf16`), and
-count the ones lost while training (`LostUpdateCounter`, the `lost_updates` monitor). Routers and
-routing statistics stay fp32 by construction (`Fp32Module`, `MoeLayer`)."""
+"""bf16 safeguards (a bf16 weight keeps 8 significant bits, so small Adam steps round away): predict
+lost updates (`check_bf16`), keep them (`guard_bf16`), and count the ones lost while training
+(`LostUpdateCounter`, the `lost_updates` monitor). Routers and routing statistics stay fp32 by
+construction (`Fp32Module`, `MoeLayer`)."""
 
 from moeify.precision.counter import LostUpdateCounter, LostUpdateReading
 from moeify.precision.guards import METHODS, Bf16Guard, MasterWeights, StochasticRounding, guard_bf16

@@ -28,7 +28,7 @@ from moeify.architectures.layouts import FFNWeights
 from moeify.config import MoeifyConfig
 from moeify.layers.moe import MoeLayer
 from moeify.surgery import verify
-from moeify.surgery.apply import _packed_pairs
+from moeify.surgery.apply import packed_pairs
 from moeify.surgery.plan import ConversionError, ConversionPlan
 
 
@@ -109,7 +109,7 @@ class Sources:
         if experts.w_in.is_meta:
             return
         for e in range(experts.num_experts):
-            for packed, pieces in _packed_pairs(experts, self.ffn[site][e % len(self.models)]):
+            for packed, pieces in packed_pairs(experts, self.ffn[site][e % len(self.models)]):
                 offset = 0
                 for piece in pieces:
                     value = piece.value()

@@ -61,7 +61,8 @@ def _packed(weights: FFNWeights, num_experts: int, intermediate_size: int | None
     return experts
 
 
-def _packed_pairs(experts: PackedExperts, weights: FFNWeights) -> list[tuple[torch.Tensor, list[Piece]]]:
+def packed_pairs(experts: PackedExperts, weights: FFNWeights) -> list[tuple[torch.Tensor, list[Piece]]]:
+    """Each packed expert parameter with the dense FFN pieces it is filled from."""
     pairs = [(experts.w_in, weights.w_in), (experts.w_out, weights.w_out)]
     if weights.b_in is not None:
         pairs.append((experts.b_in, weights.b_in))
@@ -76,7 +77,7 @@ def _clone_into(experts: PackedExperts, weights: FFNWeights) -> None:
     straight into its rows of the preallocated [E, ...] tensor (no concatenated temporary)."""
     if experts.w_in.is_meta:
         return
-    for packed, pieces in _packed_pairs(experts, weights):
+    for packed, pieces in packed_pairs(experts, weights):
         offset = 0
         for piece in pieces:
             value = piece.value()
@@ -96,7 +97,7 @@ def share_storage(experts: PackedExperts, weights: FFNWeights, config: MoeifyCon
     clones = config.granularity == 1 and config.experts_from is None and config.reinit_fraction == 0
     if experts.w_in.is_meta or not clones:
         return shared
-    for packed, pieces in _packed_pairs(experts, weights):
+    for packed, pieces in packed_pairs(experts, weights):
         offset = 0
         for piece in pieces:
             rows = piece.value().shape[0]
@@ -154,7 +155,7 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
                 for p in shared.parameters():
                     p.zero_()  # Law 2
         first = next(module.parameters())
-        hidden, device = _generic_hidden_size(module), first.device
+        hidden, device = generic_hidden_size(module), first.device
     spec = RouterSpec(
         hidden_size=hidden,
         num_experts=config.num_experts,
@@ -186,7 +187,8 @@ def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPla
     return layer, weights
 
 
-def _generic_hidden_size(module: nn.Module) -> int:
+def generic_hidden_size(module: nn.Module) -> int:
+    """The input width of an FFN with no known layout: its first nn.Linear's, else its first parameter's last dim."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if linears:
         return linears[0].in_features

@@ -109,7 +109,7 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _matches(patterns: str | tuple[str, ...] | None, names: tuple[str, ...]) -> bool:
+def matches(patterns: str | tuple[str, ...] | None, names: tuple[str, ...]) -> bool:
     """peft's rule: a string is a regex matched against the full name; a list matches exact
     names and dotted suffixes."""
     if isinstance(patterns, str):
@@ -119,9 +119,9 @@ def _matches(patterns: str | tuple[str, ...] | None, names: tuple[str, ...]) -> 
 
 def _selection_reason(config: MoeifyConfig, names: tuple[str, ...], layer: int | None) -> str | None:
     """Why the user's filters leave this site dense (None: convert it)."""
-    if config.target_modules is not None and not _matches(config.target_modules, names):
+    if config.target_modules is not None and not matches(config.target_modules, names):
         return "not selected by target_modules"
-    if config.exclude_modules is not None and _matches(config.exclude_modules, names):
+    if config.exclude_modules is not None and matches(config.exclude_modules, names):
         return "excluded by exclude_modules"
     if config.layers is not None:
         if layer is None:
@@ -281,10 +281,10 @@ class _Walk:
             return
         patterns = [targets] if isinstance(targets, str) else [(t,) for t in targets]
         found = [(s.name, s.install_path) for s in self.sites]
-        forcing = [p for p in patterns if not any(_matches(p, names) for names in found)]
+        forcing = [p for p in patterns if not any(matches(p, names) for names in found)]
         taken = self.known + [s.install_path for s in self.sites]
         for name, module in model.named_modules():
-            if not name or isinstance(module, MoeLayer) or not any(_matches(p, (name,)) for p in forcing):
+            if not name or isinstance(module, MoeLayer) or not any(matches(p, (name,)) for p in forcing):
                 continue
             if any(name == t or name.startswith(t + ".") or t.startswith(name + ".") for t in taken):
                 continue

@@ -13,9 +13,10 @@ from torch import nn
 from moeify.architectures import conditioning_for
 from moeify.architectures.layouts import get
 from moeify.config import MoeifyConfig
+from moeify.layers.inventory import is_peft_module
 from moeify.layers.moe import MoeLayer
 from moeify.surgery.errors import ConversionError
-from moeify.surgery.find import FFNReport, FFNSite, SkippedSite, _matches, find_ffns, layer_index
+from moeify.surgery.find import FFNReport, FFNSite, SkippedSite, find_ffns, layer_index, matches
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _conditioning(model: nn.Module, config: MoeifyConfig) -> ConditioningPlan | 
 def _check_site(model: nn.Module, site: FFNSite, config: MoeifyConfig) -> None:
     module = model.get_submodule(site.name)
     for sub_name, sub in module.named_modules():
-        if type(sub).__module__.split(".")[0] == "peft":
+        if is_peft_module(sub):
             raise ConversionError(
                 f"{site.name} holds a peft adapter ({type(sub).__name__} at {sub_name or site.name}): moeify "
                 "reads the dense weights and would drop the adapter. Convert first, then add adapters "
@@ -164,7 +165,7 @@ def _check_no_peft(model: nn.Module) -> None:
     checkpoints describe the dense model, so the new routers and experts would be neither saved by
     peft's save_pretrained nor rebuilt by PeftModel.from_pretrained (and get_peft_model's freezing
     would not cover them)."""
-    found = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    found = next(((n, m) for n, m in model.named_modules() if is_peft_module(m)), None)
     if found is not None:
         name, module = found
         raise ConversionError(
@@ -201,7 +202,7 @@ def plan_conversion(model: nn.Module, config: MoeifyConfig, example_inputs: Any 
         hit = [
             s.name
             for s in report.skipped
-            if s.reason == "already converted by moeify" and _matches(config.target_modules, (s.name,))
+            if s.reason == "already converted by moeify" and matches(config.target_modules, (s.name,))
         ]
         targeted = [n for n in hit if not any(n.startswith(s.name + ".") for s in report.sites)]
         if targeted and not report.sites:

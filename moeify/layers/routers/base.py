@@ -23,7 +23,7 @@ class Fp32Module(nn.Module):
             if not out.is_floating_point() or out.dtype == torch.float32:
                 return out
             # `fn` cast to a lower precision: take only its move, from the exact original values
-            # (`out.float()` would keep bf16-rounded router weights; issue 4).
+            # (`out.float()` would keep bf16-rounded router weights; test_routers_stay_fp32_when_the_model_is_cast).
             return t.to(device=out.device, dtype=torch.float32)
 
         return super()._apply(keep_fp32, recurse)
