@@ -186,7 +186,7 @@ def convert_one(built: Any) -> dict:
         worst = _worst(dense, _run(model, inputs))
     except moeify.ConversionError as error:
         return row | {"status": "failed", "reason": f"ConversionError: {str(error).splitlines()[0][:300]}"}
-    except Exception as error:  # noqa: BLE001 - a crash is a result here
+    except Exception as error:  # a crash is a result here
         return row | {"status": "failed", "reason": f"crash: {type(error).__name__}: {str(error)[:300]}"}
     row["max_relative_difference"] = worst
     if worst <= TOLERANCE:
@@ -263,7 +263,7 @@ def sweep(tasks: list[tuple[str, str]], jobs: int) -> list[dict]:
     while len(rows) < len(tasks):
         try:
             row = results.get(timeout=TIMEOUT * 2)
-        except Exception:  # noqa: BLE001 - queue.Empty: a worker died mid-task
+        except Exception:  # queue.Empty: a worker died mid-task
             done = {(r["library"], r["name"]) for r in rows}
             dead = [w for w in workers if not w.is_alive()]
             if not dead:

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import cpu_description  # noqa: E402
+from timing import cpu_description
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2 = {
@@ -33,7 +33,7 @@ SMOLLM2 = {
 MODEL_TYPES = {"llama": "registry", "olmo": "dataflow", "stablelm": "dataflow"}
 
 
-def best_of(repeats: int, run) -> float:  # noqa: ANN001
+def best_of(repeats: int, run) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
-import generate_profile  # noqa: E402
-from model_bench import _memory_mb, _reset_peak, run_child  # noqa: E402
-from results import Row, finish, start  # noqa: E402
-from timing import loadavg, quartiles  # noqa: E402
+import generate_profile
+from model_bench import _memory_mb, _reset_peak, run_child
+from results import Row, finish, start
+from timing import loadavg, quartiles
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
 NATIVE = "transformers qwen2_moe"
@@ -80,7 +80,7 @@ PRESETS = {
 }
 
 
-def config(spec: Spec):  # noqa: ANN201 - a LlamaConfig (transformers imported lazily)
+def config(spec: Spec):  # a LlamaConfig (transformers imported lazily)
     from transformers import LlamaConfig
 
     return LlamaConfig(num_hidden_layers=spec.layers, max_position_embeddings=8192, rms_norm_eps=1e-5, **SHAPES[spec.model])
@@ -167,7 +167,7 @@ class Clock:
         return (self.end - self.stamps[0]) / max(len(self.stamps) - 1, 1)
 
 
-def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, compiled: bool, clock: Clock | None = None):  # noqa: ANN201
+def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, compiled: bool, clock: Clock | None = None):
     """Greedy generate() of exactly `new_tokens` (tokens [B, prompt + new]), timed by `clock`."""
     from transformers import CompileConfig, LogitsProcessorList
 
@@ -184,7 +184,7 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, comp
     return out
 
 
-def time_cells(spec: Spec, mode: str, models: dict, device: torch.device, log) -> dict:  # noqa: ANN001
+def time_cells(spec: Spec, mode: str, models: dict, device: torch.device, log) -> dict:
     """{cell: {name: {"ttft_s": [...], "decode_s": [...], "warmup_s": [...]}}}: the contenders in
     rotating order, round by round, so that drift hits both alike."""
     compiled, results = mode == "compiled", {}
@@ -249,7 +249,7 @@ def peak_memory(spec: Spec, directory: Path, device: torch.device, name: str, ce
     return max(_memory_mb(device, peak=True) - start, 0.0)
 
 
-def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dict]:  # noqa: ANN001
+def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dict]:
     info: dict = {"spec": asdict(spec), "label": spec.label, "device": device.type, "failures": []}
     with tempfile.TemporaryDirectory(prefix="moeify-generate-bench-") as tmp:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"))

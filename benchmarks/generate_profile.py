@@ -56,7 +56,7 @@ class _Timer:
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
 
-def breakdown(model: nn.Module, kind: str, run: Callable, clock_type: type) -> dict[str, float]:  # noqa: ANN001
+def breakdown(model: nn.Module, kind: str, run: Callable, clock_type: type) -> dict[str, float]:
     """ms per decode step: attention, the MoE block and its parts, and the rest (embeddings, norms,
     LM head, sampling, generate's own loop). `run(clock)` runs one generate() with that clock."""
     sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else (lambda: None)

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
-from models import perturb_experts  # noqa: E402
-from results import Row, finish, start  # noqa: E402
-from timing import Timings, interleaved, loadavg  # noqa: E402
+from models import perturb_experts
+from results import Row, finish, start
+from timing import Timings, interleaved, loadavg
 
 NUM_EXPERTS, TOP_K, NUM_SHARED = 8, 2, 1
 # Qwen2-MoE's router_aux_loss_coef. Its balance loss pools all layers and counts top-k
@@ -60,7 +60,7 @@ class Spec:
 PRESETS = {"full": Spec(layers=30, batch=4, seq=512, steps=3), "quick": Spec(layers=4, batch=4, seq=256, steps=5)}
 
 
-def smollm2_config(layers: int):  # noqa: ANN201 - a LlamaConfig (transformers imported lazily)
+def smollm2_config(layers: int):  # a LlamaConfig (transformers imported lazily)
     """SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json) with `layers` layers."""
     from transformers import LlamaConfig
 
@@ -100,7 +100,7 @@ def token_batch(spec: Spec, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 49152, (spec.batch, spec.seq), generator=torch.Generator().manual_seed(2)).to(device)
 
 
-def losses(name: str, model: torch.nn.Module, out) -> tuple[torch.Tensor, float, float]:  # noqa: ANN001
+def losses(name: str, model: torch.nn.Module, out) -> tuple[torch.Tensor, float, float]:
     """(the loss to train on = CE + weighted balance loss, CE, weighted balance loss)."""
     if name != "moeify":  # Qwen2-MoE's loss already holds router_aux_loss_coef * aux_loss
         return out.loss, (out.loss - COEF * out.aux_loss).item(), COEF * out.aux_loss.item()
@@ -162,7 +162,7 @@ def prepare(spec: Spec, directory: str, device: torch.device) -> dict:
     return info
 
 
-def _train_step(name: str, model: torch.nn.Module, runner: torch.nn.Module, ids: torch.Tensor, record: dict):  # noqa: ANN202
+def _train_step(name: str, model: torch.nn.Module, runner: torch.nn.Module, ids: torch.Tensor, record: dict):
     def step() -> None:
         set_implementation(model, name)
         model.optimizer.zero_grad(set_to_none=True)
@@ -242,7 +242,7 @@ def fits_twice(spec: Spec, device: torch.device) -> bool:
     return need < 0.6 * 1024 * next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
 
 
-def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dict]:  # noqa: ANN001
+def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dict]:
     """Rows (step time and peak memory, moeify ÷ each transformers implementation) and details."""
     info: dict = {"spec": asdict(spec), "label": spec.label, "device": device.type, "failures": []}
     paired = fits_twice(spec, device)
@@ -266,7 +266,7 @@ def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dic
     return rows, info
 
 
-def _measure_mode(spec: Spec, mode: str, base: dict, env: dict, paired: bool, log) -> dict:  # noqa: ANN001
+def _measure_mode(spec: Spec, mode: str, base: dict, env: dict, paired: bool, log) -> dict:
     """{contender: record} of one mode: step times (in one child when `paired`) and, from a fresh
     child per contender, peak memory."""
     warmup = 2 if mode == "compiled" else 1

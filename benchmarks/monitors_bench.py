@@ -21,11 +21,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeify import aux_loss, moeify  # noqa: E402
-from moeify.monitors import attach_monitors  # noqa: E402
+from moeify import aux_loss, moeify
+from moeify.monitors import attach_monitors
 
 
-def build(hidden: int, layers: int, experts: int):  # noqa: ANN201
+def build(hidden: int, layers: int, experts: int):
     config = AutoConfig.for_model(
         "llama", hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), vocab_size=1000,
@@ -34,7 +34,7 @@ def build(hidden: int, layers: int, experts: int):  # noqa: ANN201
     return moeify(AutoModelForCausalLM.from_config(config), num_experts=experts, top_k=2)
 
 
-def timed_step(model, optimizer, ids, runner) -> float:  # noqa: ANN001
+def timed_step(model, optimizer, ids, runner) -> float:
     start = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss + aux_loss(model)
     loss.backward()

@@ -19,16 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, whatever the cwd
 
-import compile_bench  # noqa: E402
-import conversion_bench  # noqa: E402
-import generate_bench  # noqa: E402
-import model_bench  # noqa: E402
-import paths_bench  # noqa: E402
-import transformers  # noqa: E402
-from layer_bench import Settings, layer_suite  # noqa: E402
-from models import dit_shape, llm_shape  # noqa: E402
-from results import Row, format_table  # noqa: E402
-from timing import cpu_description, loadavg  # noqa: E402
+import compile_bench
+import conversion_bench
+import generate_bench
+import model_bench
+import paths_bench
+import transformers
+from layer_bench import Settings, layer_suite
+from models import dit_shape, llm_shape
+from results import Row, format_table
+from timing import cpu_description, loadavg
 
 HERE = Path(__file__).resolve().parent
 

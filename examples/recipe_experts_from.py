@@ -19,10 +19,10 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
 
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import moeify  # noqa: E402
+import moeify
 
 
 def tiny_llama(seed: int, name: str) -> torch.nn.Module:

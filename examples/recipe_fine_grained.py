@@ -18,12 +18,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
 
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import moeify  # noqa: E402
-from moeify.convert import parameter_counts  # noqa: E402
-from moeify.surgery.compare import relative_error  # noqa: E402
+import moeify
+from moeify.convert import parameter_counts
+from moeify.surgery.compare import relative_error
 
 
 def main(argv: list[str] | None = None) -> None:

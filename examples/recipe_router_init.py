@@ -21,10 +21,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: nothing is downloaded
 
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import moeify  # noqa: E402
+import moeify
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

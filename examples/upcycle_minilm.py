@@ -14,12 +14,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-import moeify  # noqa: E402
+import moeify
 
 SENTENCES = [  # a dozen unrelated sentences: about 150 tokens
     *("A man is playing a guitar on stage.", "The stock market fell sharply after the announcement."),
@@ -45,7 +45,7 @@ def embed(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return (states * mask).sum(1) / mask.sum(1)
 
 
-def mask_tokens(batch: dict, tokenizer, rate: float, generator: torch.Generator) -> dict:  # noqa: ANN001
+def mask_tokens(batch: dict, tokenizer, rate: float, generator: torch.Generator) -> dict:
     """The augmentation: replace a random share of the words by [MASK] ([CLS], [SEP], [PAD] stay)."""
     ids = batch["input_ids"]
     special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))

@@ -23,7 +23,7 @@ from moeify.precision import check_bf16, guard_bf16
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+def __getattr__(name: str):  # PEP 562
     # `moeify.lora_config` is peft glue: importing peft costs ~3 s, paid on first use only.
     if name == "lora_config":
         from moeify.integrations.peft import lora_config

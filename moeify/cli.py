@@ -89,7 +89,7 @@ def _recipe(args: argparse.Namespace) -> MoeifyConfig:
 # Reporting
 
 
-def _site_lines(report) -> list[str]:  # noqa: ANN001 - an FFNReport
+def _site_lines(report) -> list[str]:  # an FFNReport
     lines = [f"{len(report.sites)} FFN site(s) to convert, {len(report.skipped)} skipped"]
     for s in report.sites:
         kind = s.layout.kind if s.layout is not None else "generic"

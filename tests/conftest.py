@@ -42,7 +42,7 @@ def fresh_accelerate(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
+def hub(tmp_path, monkeypatch: pytest.MonkeyPatch):
     """The loopback Hub (tests/hub_server.py), with huggingface_hub pointed at it as HF_ENDPOINT
     would (HF_ENDPOINT itself is read at import: the subprocess test sets it) and a private
     download cache."""

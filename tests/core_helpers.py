@@ -165,7 +165,7 @@ class Blocks(nn.Module):
         return x
 
 
-def resign_checkpoint(directory) -> None:  # noqa: ANN001 - a path
+def resign_checkpoint(directory) -> None:  # a path
     """Recompute a saved checkpoint's checksums after a test edited it on purpose, so that loading
     reaches the check under test instead of stopping at the checksum (which any edit breaks)."""
     import json

@@ -13,7 +13,7 @@ class HostReads(TorchFunctionMode):
         super().__init__()
         self.calls: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.READS:
             self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))

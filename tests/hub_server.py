@@ -275,16 +275,16 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a connection may stay silent
     server_version = "moeify-test-hub/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:  # the base class's name
         pass  # requests are recorded in HubServer.requests instead
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._handle("HEAD")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
     def _route(self, method: str) -> tuple[str, dict[str, str]]:

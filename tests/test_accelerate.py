@@ -84,7 +84,7 @@ def test_fsdp2_plugin_is_none_without_an_fsdp_launch():
 def test_routers_are_sharded_apart_only_under_low_precision_fsdp2():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    def fake(kind, version, dtype):  # noqa: ANN001, ANN202
+    def fake(kind, version, dtype):
         plugin = SimpleNamespace(fsdp_version=version, mixed_precision_policy=MixedPrecisionPolicy(param_dtype=dtype))
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=plugin))
 
@@ -212,7 +212,7 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path):
 # ---------------------------------------------------------------- examples
 
 
-def _example(name: str):  # noqa: ANN202
+def _example(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

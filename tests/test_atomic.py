@@ -42,12 +42,12 @@ def saved(tmp_path: Path) -> tuple[Path, torch.Tensor]:
 
 
 @pytest.mark.parametrize("failure", ["midway", "disk_full"])
-def test_a_save_that_fails_halfway_leaves_the_old_checkpoint(saved, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:  # noqa: ANN001
+def test_a_save_that_fails_halfway_leaves_the_old_checkpoint(saved, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     directory, before = saved
     files = sorted(p.name for p in directory.iterdir())
     from huggingface_hub import save_torch_state_dict
 
-    def failing(state_dict: dict, save_directory: Path, **kwargs) -> None:  # noqa: ANN003
+    def failing(state_dict: dict, save_directory: Path, **kwargs) -> None:
         half = dict(list(state_dict.items())[: len(state_dict) // 2])
         save_torch_state_dict(half, save_directory, **kwargs)  # some shards are on disk already
         if failure == "disk_full":
@@ -62,7 +62,7 @@ def test_a_save_that_fails_halfway_leaves_the_old_checkpoint(saved, monkeypatch:
     assert leftovers(directory) == []  # the staging directory is gone
 
 
-def test_a_bad_argument_is_refused_before_anything_is_written(saved) -> None:  # noqa: ANN001
+def test_a_bad_argument_is_refused_before_anything_is_written(saved) -> None:
     directory, before = saved
     stamp = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
     for size in ("5 gigs", -1, 0, True, 3.5):
@@ -72,7 +72,7 @@ def test_a_bad_argument_is_refused_before_anything_is_written(saved) -> None:  #
     assert torch.equal(outputs(directory), before)
 
 
-def test_a_new_save_replaces_the_checkpoint_and_keeps_the_users_files(saved) -> None:  # noqa: ANN001
+def test_a_new_save_replaces_the_checkpoint_and_keeps_the_users_files(saved) -> None:
     directory, _ = saved
     assert len(list(directory.glob("moeify_model-*.safetensors"))) > 1  # sharded at first
     (directory / "README.md").write_text("my card")
@@ -87,7 +87,7 @@ def test_a_new_save_replaces_the_checkpoint_and_keeps_the_users_files(saved) -> 
     assert leftovers(directory) == []
 
 
-def test_without_an_atomic_exchange_the_two_renames_recover(saved, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_without_an_atomic_exchange_the_two_renames_recover(saved, monkeypatch: pytest.MonkeyPatch) -> None:
     """Filesystems without renameat2(RENAME_EXCHANGE): the old directory is renamed aside, the new
     one in. A crash between the two renames leaves the old one aside: the next load puts it back."""
     directory, before = saved

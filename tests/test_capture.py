@@ -107,7 +107,7 @@ def test_inputs_that_do_not_run_the_model_are_refused_before_anything_changes() 
     assert_untouched(model, before)
 
 
-def test_a_checkpoint_records_what_was_found_on_inputs_and_loads_without_them(tmp_path) -> None:  # noqa: ANN001
+def test_a_checkpoint_records_what_was_found_on_inputs_and_loads_without_them(tmp_path) -> None:
     model = denoiser()
     batch = inputs()
     moeify.moeify(model, num_experts=4, example_inputs=batch)
@@ -145,7 +145,7 @@ def test_a_record_can_name_no_other_code(function: dict) -> None:
         Program.from_dict(data)
 
 
-def test_a_damaged_record_is_a_clear_error(tmp_path) -> None:  # noqa: ANN001
+def test_a_damaged_record_is_a_clear_error(tmp_path) -> None:
     model = denoiser()
     moeify.moeify(model, num_experts=4, example_inputs=inputs())
     moeify.save_pretrained(model, tmp_path)

@@ -128,7 +128,7 @@ def test_an_activation_that_needs_the_whole_grid_is_refused() -> None:
     assert "its activation does not run on tokens one at a time" in report.skipped[0].reason
 
 
-def test_conv_ffns_round_trip_through_a_checkpoint(tmp_path) -> None:  # noqa: ANN001
+def test_conv_ffns_round_trip_through_a_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
     model = Blocks(Block2d(ConvMlp(2)), SqueezeLayerOn2d()).eval()
     x = grid(2, 3)

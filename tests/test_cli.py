@@ -173,7 +173,7 @@ ERRORS = [
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), ERRORS, ids=[e[2][:30] for e in ERRORS])
-def test_errors_are_one_line(argv, code: int, says: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+def test_errors_are_one_line(argv, code: int, says: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     got, out, err = run(capsys, *argv(tmp_path))
     assert got == code
     assert len(err.strip().splitlines()) == 1 and err.startswith("moeify") and "Traceback" not in err, err

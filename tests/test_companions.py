@@ -46,7 +46,7 @@ def tokenizer(template: str = TEMPLATE) -> PreTrainedTokenizerFast:
     )
 
 
-def image_processor():  # noqa: ANN201 - a transformers image processor
+def image_processor():  # a transformers image processor
     import warnings
 
     with warnings.catch_warnings():  # "requires torchvision ... falling back to ViTImageProcessorPil"
@@ -180,7 +180,7 @@ def test_cli_says_when_there_is_nothing_to_carry(tmp_path: Path, capsys: pytest.
     assert lines[-1] == "no tokenizer or processor files beside the source model: none carried"
 
 
-def test_push_to_hub_commits_them(source: Path, tmp_path: Path, hub) -> None:  # noqa: ANN001 - the loopback Hub
+def test_push_to_hub_commits_them(source: Path, tmp_path: Path, hub) -> None:  # the loopback Hub
     moeify.push_to_hub(converted(source), "alice/tiny-moe", token=TOKEN, endpoint=hub.url)
     assert TOKENIZER_FILES | {"moeify_config.json", "README.md"} <= set(hub.commits("alice/tiny-moe")[-1]["files"])
     same_tokenizer(hub.tree("alice/tiny-moe"))
@@ -215,7 +215,7 @@ class NoSave:
     ],
     ids=["save-str", "save-no-method", "export-model", "push-int"],
 )
-def test_bad_argument_is_refused_before_anything_is_written(source: Path, tmp_path: Path, call, says: str) -> None:  # noqa: ANN001
+def test_bad_argument_is_refused_before_anything_is_written(source: Path, tmp_path: Path, call, says: str) -> None:
     model = converted(source)
     before = sorted(tmp_path.iterdir())
     with pytest.raises(TypeError, match="takes a tokenizer") as error:

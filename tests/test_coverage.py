@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from coverage import convert_one  # noqa: E402
-from zoo import diffusers_zoo, transformers_zoo  # noqa: E402
+from coverage import convert_one
+from zoo import diffusers_zoo, transformers_zoo
 
 # (status, FFN sites). What each one covers is in the comment.
 TRANSFORMERS = {
@@ -64,7 +64,7 @@ CASES = [(transformers_zoo, name, expected) for name, expected in TRANSFORMERS.i
 
 
 @pytest.mark.parametrize(("zoo", "name", "expected"), CASES, ids=[name for _, name, _ in CASES])
-def test_model(zoo, name: str, expected: tuple[str, int]) -> None:  # noqa: ANN001 - a zoo module
+def test_model(zoo, name: str, expected: tuple[str, int]) -> None:  # a zoo module
     row = convert_one(zoo.build(name))
     assert (row["status"], row["sites"]) == expected, row
     if row["status"] == "preserved":

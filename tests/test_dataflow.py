@@ -185,7 +185,7 @@ def only_layer(model: nn.Module) -> moeify.MoeLayer:
     ],
     ids=["silu-gated", "chunk-gate-first", "chunk-gate-second", "slices", "tanh-gelu"],
 )
-def test_functional_activations_pack(make, kind: str, gate_first: bool) -> None:  # noqa: ANN001
+def test_functional_activations_pack(make, kind: str, gate_first: bool) -> None:
     torch.manual_seed(0)
     model = Blocks(PreNorm(make()), PreNorm(make()))
     [site, _] = find_ffns(model).sites
@@ -270,7 +270,7 @@ def test_split_ffn_trains_with_its_dropout_in_the_experts() -> None:
 
 
 @pytest.mark.parametrize("make", [ResidualArg, ResidualSelf], ids=["argument", "input"])
-def test_residual_added_inside_the_ffn(make) -> None:  # noqa: ANN001
+def test_residual_added_inside_the_ffn(make) -> None:
     torch.manual_seed(0)
     model = Blocks(PreNorm(make()), PreNorm(make()))
     site = find_ffns(model).sites[0]
@@ -387,7 +387,7 @@ class LowRank(nn.Module):
     ],
     ids=["conv", "parallel-attention", "hidden-mixer"],
 )
-def test_token_mixers_are_refused_with_the_reason(make, reason: str) -> None:  # noqa: ANN001
+def test_token_mixers_are_refused_with_the_reason(make, reason: str) -> None:
     torch.manual_seed(0)
     model = Blocks(PreNorm(make()) if make is not ParallelBlock else make())
     report = find_ffns(model)
@@ -479,7 +479,7 @@ def test_a_class_named_like_a_registered_one_is_not_taken_for_it() -> None:
     """diffusers' FeedForward is registered; a model's own class of that name is found by what
     it computes (the registry is keyed by the fully qualified class)."""
 
-    class FeedForward(nn.Module):  # noqa: D101 - the name is the point
+    class FeedForward(nn.Module):  # the name is the point
         def __init__(self) -> None:
             super().__init__()
             self.w1, self.w2, self.w3 = nn.Linear(D, I, bias=False), nn.Linear(I, D, bias=False), nn.Linear(D, I, bias=False)

@@ -140,7 +140,7 @@ def _reference_stats() -> tuple[list, list]:
     return gathered, runner.history
 
 
-def _numbers(value, path=""):  # noqa: ANN001, ANN202
+def _numbers(value, path=""):
     """Every leaf of a nested record, keyed by its path."""
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _numbers(item, f"{path}/{key}").items()}

@@ -18,7 +18,7 @@ MODES = ("replicated", "fsdp2", "expert_parallel")
 RANKS, ROUNDS = 2, 2
 
 
-def _load_launcher():  # noqa: ANN202 - the benchmarks/ script as a module
+def _load_launcher():  # the benchmarks/ script as a module
     spec = importlib.util.spec_from_file_location("distributed_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -307,7 +307,7 @@ def test_registries_refuse_duplicates() -> None:
 
 @pytest.mark.usefixtures("isolated_registries")
 @pytest.mark.parametrize("register", [register_ffn, register_skip, register_conditioning])
-def test_registries_refuse_bare_class_names(register) -> None:  # noqa: ANN001
+def test_registries_refuse_bare_class_names(register) -> None:
     """Several models define their own class called FeedForward: a bare name would match them all."""
     args = {register_ffn: (SWAPPED,), register_skip: ("a reason",), register_conditioning: ("arg", "dim")}[register]
     before = (dict(registry._FFN), dict(registry._SKIP), dict(registry._CONDITIONING))
@@ -321,7 +321,7 @@ def test_registered_router_kind_is_usable() -> None:
     """register_router makes `router=<kind>` a valid config value that builds that router."""
     built = []
 
-    def builder(spec):  # noqa: ANN001, ANN202
+    def builder(spec):
         built.append(spec)
         return LinearRouter(spec.hidden_size, spec.num_experts, spec.init_std)
 
@@ -332,7 +332,7 @@ def test_registered_router_kind_is_usable() -> None:
 
 
 @pytest.mark.parametrize("config", [{"num_experts": 4}, 8, "linear"], ids=["dict", "int", "str"])
-def test_the_wrong_object_as_config_is_a_clear_type_error(config) -> None:  # noqa: ANN001
+def test_the_wrong_object_as_config_is_a_clear_type_error(config) -> None:
     model = tiny_llama()
     before = snapshot(model)
     for call in (moeify.moeify, find_ffns):
@@ -358,7 +358,7 @@ def test_example_inputs_that_do_not_run_the_dense_model_are_refused() -> None:
 
 
 
-def _bad_calls(tmp_path):  # noqa: ANN001, ANN202
+def _bad_calls(tmp_path):
     from moeify.monitors import attach_monitors
 
     converted = moeify.moeify(tiny_llama(), num_experts=2)
@@ -374,7 +374,7 @@ def _bad_calls(tmp_path):  # noqa: ANN001, ANN202
     ]
 
 
-def test_bad_arguments_are_refused_at_the_door(tmp_path) -> None:  # noqa: ANN001
+def test_bad_arguments_are_refused_at_the_door(tmp_path) -> None:
     """Each public call checks its arguments itself: a message naming the call and the argument,
     never an error from inside pathlib, safetensors or a later step, and nothing written."""
     for call, kind, says in _bad_calls(tmp_path):

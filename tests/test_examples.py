@@ -65,7 +65,7 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[str, Future]:  # noqa: ANN001
+def runs(request, tmp_path_factory) -> dict[str, Future]:
     """Start every selected example at once, WORKERS at a time; each test waits for its own."""
     selected = {
         item.callspec.params["script"]
@@ -89,7 +89,7 @@ def test_every_example_has_quick_args():
 
 
 @pytest.mark.parametrize("script", sorted(set(scripts()) | set(QUICK) | set(PLANNED)))
-def test_example_runs(script, runs):  # noqa: ANN001
+def test_example_runs(script, runs):
     if not (EXAMPLES / script).exists():
         pytest.skip(f"examples/{script} does not exist yet ({PLANNED.get(script, 'listed in QUICK')})")
     if script not in QUICK:

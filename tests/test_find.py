@@ -148,7 +148,7 @@ def three_layer_mlp(d: int = 16) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, 24), nn.GELU(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, d))
 
 
-def _reproduces(model: nn.Module, convert) -> nn.Module:  # noqa: ANN001
+def _reproduces(model: nn.Module, convert) -> nn.Module:
     model.eval()
     x = stack_input()
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_dataflow_finds_an_unregistered_fc_mlp() -> None:
 
 
 @pytest.mark.parametrize("make", [TanhResidual, three_layer_mlp], ids=["tanh-residual", "three-layer-mlp"])
-def test_exotic_ffn_converts_only_when_named(make) -> None:  # noqa: ANN001
+def test_exotic_ffn_converts_only_when_named(make) -> None:
     torch.manual_seed(0)
     model = Stack(make(), make())
     assert len(find_ffns(model)) == 0

@@ -187,7 +187,7 @@ def test_grouped_mm_matches_per_expert_loop(kind: str, case: str, monkeypatch: p
     calls = []
     real = torch._grouped_mm
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 

@@ -120,17 +120,17 @@ class Spec:
     expected: Callable[[diffusers.DiffusionPipeline, str], tuple[Tensor, Tensor | None]]
 
 
-def _pixart_expected(pipe, prompt):  # noqa: ANN001, ANN202
+def _pixart_expected(pipe, prompt):
     pos, pos_mask, neg, neg_mask = pipe.encode_prompt(prompt, max_sequence_length=TEXT_LEN, clean_caption=False)
     return torch.cat([neg, pos]), torch.cat([neg_mask, pos_mask])
 
 
-def _sd3_expected(pipe, prompt):  # noqa: ANN001, ANN202
+def _sd3_expected(pipe, prompt):
     pos, neg, _, _ = pipe.encode_prompt(prompt, None, None, max_sequence_length=TEXT_LEN)
     return torch.cat([neg, pos]), None
 
 
-def _sd_expected(pipe, prompt):  # noqa: ANN001, ANN202
+def _sd_expected(pipe, prompt):
     pos, neg = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True)
     return torch.cat([neg, pos]), None
 
@@ -148,7 +148,7 @@ def build(name: str) -> diffusers.DiffusionPipeline:
     return pipe
 
 
-def run(name: str, pipe, prompt: str = PROMPT, steps: int = 2, output_type: str = "pt") -> Tensor:  # noqa: ANN001
+def run(name: str, pipe, prompt: str = PROMPT, steps: int = 2, output_type: str = "pt") -> Tensor:
     out = pipe(
         prompt, num_inference_steps=steps, height=16, width=16, output_type=output_type,
         generator=torch.Generator().manual_seed(0), **SPECS[name].call,
@@ -156,7 +156,7 @@ def run(name: str, pipe, prompt: str = PROMPT, steps: int = 2, output_type: str 
     return out.images
 
 
-def denoiser(pipe) -> nn.Module:  # noqa: ANN001
+def denoiser(pipe) -> nn.Module:
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 

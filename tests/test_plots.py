@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from moeify.hub.plots import routing_plots  # noqa: E402
+from moeify.hub.plots import routing_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -471,7 +471,7 @@ def test_check_bf16_warns_above_threshold_and_raises_in_strict_mode():
 
 
 @pytest.mark.parametrize("lr", [0, 0.0, -1e-5, math.inf, math.nan, True])
-def test_check_bf16_refuses_an_lr_it_cannot_judge(lr) -> None:  # noqa: ANN001
+def test_check_bf16_refuses_an_lr_it_cannot_judge(lr) -> None:
     model = holder(nn.Parameter(torch.randn(64).to(torch.bfloat16)))
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         check_bf16(model, lr=lr)

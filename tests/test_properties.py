@@ -158,7 +158,7 @@ def _base() -> nn.Module:
 
 @SETTINGS
 @given(data=st.data())
-def test_truncated_or_flipped_checkpoints_never_load_as_another_model(checkpoint, tmp_path_factory, data) -> None:  # noqa: ANN001
+def test_truncated_or_flipped_checkpoints_never_load_as_another_model(checkpoint, tmp_path_factory, data) -> None:
     source, model = checkpoint
     with torch.no_grad():  # here, under this test's settings (threads, expert path), as `loaded` runs
         expected = model(_probe())

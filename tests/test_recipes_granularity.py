@@ -235,7 +235,7 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("case", "build", "overrides", "match"), REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_refused_before_any_change(case: str, build, overrides: dict, match: str) -> None:  # noqa: ANN001
+def test_refused_before_any_change(case: str, build, overrides: dict, match: str) -> None:
     model = build()
     before = snapshot(model)
     with pytest.raises(ConversionError, match=match):

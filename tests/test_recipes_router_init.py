@@ -58,7 +58,7 @@ def ffn_inputs(model: LlamaForCausalLM, batches: list[dict]) -> list[torch.Tenso
     return [torch.cat(chunks) for chunks in found]
 
 
-def routers(model) -> list[torch.Tensor]:  # noqa: ANN001
+def routers(model) -> list[torch.Tensor]:
     return [m.router.gate.weight.detach().clone() for m in model.modules() if isinstance(m, MoeLayer)]
 
 
@@ -155,7 +155,7 @@ def test_prompts_rows_are_the_mean_ffn_input_of_each_experts_prompts():
         ({"router_init": "kmeans", "calibration_inputs": {"not_an_arg": ids(1, 8)}}, ConversionError, r"batch 0 does not run the dense LlamaForCausalLM"),
     ],
 )  # fmt: skip
-def test_refusals_leave_the_model_untouched(overrides, error, match):  # noqa: ANN001
+def test_refusals_leave_the_model_untouched(overrides, error, match):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hooks_before = len(model._forward_pre_hooks)
@@ -186,7 +186,7 @@ def test_padding_is_left_out_of_the_clustering():
         assert (a - c).abs().max() > 1e-3  # the three padding tokens do move the centroids
 
 
-def test_save_and_load_are_bit_exact_without_calibration_inputs(tmp_path):  # noqa: ANN001
+def test_save_and_load_are_bit_exact_without_calibration_inputs(tmp_path):
     model = moeify.moeify(
         tiny_llama(), num_experts=E, router_init="kmeans", calibration_inputs={"input_ids": ids(4, 16)}
     )
@@ -232,7 +232,7 @@ def test_spherical_kmeans_finds_separated_directions_and_refuses_too_few_tokens(
         spherical_kmeans(x_TD[:2], 3, seed=0)
 
 
-def test_progress_bar_only_on_a_terminal_and_for_enough_batches(monkeypatch):  # noqa: ANN001
+def test_progress_bar_only_on_a_terminal_and_for_enough_batches(monkeypatch):
     from huggingface_hub.utils import tqdm
 
     from moeify.recipes import calibration

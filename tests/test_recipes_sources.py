@@ -109,7 +109,7 @@ def test_rest_average_is_the_mean_over_the_sources() -> None:
     assert not torch.equal(sources[0].model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def _stack(mlp_factory) -> nn.Module:  # noqa: ANN001
+def _stack(mlp_factory) -> nn.Module:
     from core_helpers import Stack
 
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def _exotic() -> nn.Module:
         ("granularity", ConversionError, "experts_from takes whole FFNs"),
     ],
 )
-def test_refused_before_any_change(case, error, match) -> None:  # noqa: ANN001
+def test_refused_before_any_change(case, error, match) -> None:
     base = tiny_llama(seed=0)
     sources = _sources()
     if case == "shape":
@@ -176,7 +176,7 @@ def test_a_failure_after_averaging_leaves_the_base_untouched(monkeypatch: pytest
     sources, base = _sources(), tiny_llama(seed=0)
     before = snapshot(base)
 
-    def broken(*args, **kwargs) -> float:  # noqa: ANN002, ANN003
+    def broken(*args, **kwargs) -> float:
         raise RuntimeError("measuring failed")
 
     monkeypatch.setattr(verify, "model_deviation", broken)
@@ -192,7 +192,7 @@ def test_a_failure_after_averaging_leaves_the_base_untouched(monkeypatch: pytest
     assert_untouched(base, before)
 
 
-def test_save_and_load_without_the_sources_is_bit_exact(tmp_path) -> None:  # noqa: ANN001
+def test_save_and_load_without_the_sources_is_bit_exact(tmp_path) -> None:
     sources, base = _sources(), tiny_llama(seed=0)
     moeify.moeify(base, experts_from=sources, experts_from_rest="average", num_experts=3, top_k=2)
     ids = tokens()
@@ -307,7 +307,7 @@ def test_card_shows_both_recipes_and_the_deviation() -> None:
     assert '"reinit_fraction": 0.25' in card and '"experts_from_rest": "base"' in card
 
 
-def test_drop_upcycling_saves_and_loads_bit_exact(tmp_path) -> None:  # noqa: ANN001
+def test_drop_upcycling_saves_and_loads_bit_exact(tmp_path) -> None:
     """The rebuild re-draws nothing that survives: the re-initialised experts come from the file,
     and the measured deviation with them."""
     model = moeify.moeify(tiny_llama(), num_experts=4, top_k=2, reinit_fraction=0.5)

@@ -392,7 +392,7 @@ class _Trap:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (Path.touch, (self.path,))
 
 
@@ -437,7 +437,7 @@ def test_repo_id_downloads_json_safetensors_and_tokenizer_files_only(
     moeify.save_pretrained(model, tmp_path)
     calls = []
 
-    def fake_download(repo_id: str, **kwargs) -> str:  # noqa: ANN003
+    def fake_download(repo_id: str, **kwargs) -> str:
         calls.append((repo_id, kwargs))
         return str(tmp_path)
 

@@ -18,7 +18,7 @@ from moeify import moe_layers
 LENGTHS = (9, 4, 7, 3, 8, 5, 6, 2)  # one epoch: 2 steps x 2 micro-batches x 2 sequences
 
 
-def tiny_tokenizer():  # noqa: ANN201 - a PreTrainedTokenizerFast
+def tiny_tokenizer():  # a PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

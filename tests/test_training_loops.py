@@ -45,7 +45,7 @@ def _layer_inputs(model: nn.Module) -> tuple[dict[str, list[Tensor]], list]:
 
 
 @pytest.mark.parametrize("build", list(BUILDERS.values()), ids=list(BUILDERS))
-def test_padding_is_not_counted_nor_balanced(build) -> None:  # noqa: ANN001
+def test_padding_is_not_counted_nor_balanced(build) -> None:
     """A batch padded to one length gives the counts and the balance / z / entropy losses of its
     real tokens alone: the same as the sequences run one by one, unpadded."""
     model = moeify.moeify(build(), num_experts=4, top_k=2, router_init_std=0.5).eval()
@@ -128,7 +128,7 @@ def test_a_decoding_step_with_a_cache_counts_its_tokens() -> None:
 
 
 @pytest.mark.parametrize("shape", [(0, HIDDEN), (2, 0, HIDDEN)], ids=["no tokens", "empty sequences"])
-def test_a_layer_without_tokens_gives_finite_losses_with_a_graph(shape) -> None:  # noqa: ANN001
+def test_a_layer_without_tokens_gives_finite_losses_with_a_graph(shape) -> None:
     model = moeify.moeify(tiny_llama(), num_experts=4, top_k=2)
     layer = moe_layers(model)[0][1].train()
     out = layer(torch.zeros(shape))
@@ -157,7 +157,7 @@ def test_a_batch_of_padding_only_gives_finite_losses() -> None:
 # ------------------------------------------------------------------------------------------- copies
 
 
-def _converted(**overrides) -> nn.Module:  # noqa: ANN003
+def _converted(**overrides) -> nn.Module:
     return moeify.moeify(tiny_llama(), num_experts=4, top_k=2, **overrides).train()
 
 
@@ -340,7 +340,7 @@ def test_counts_are_all_reduced_as_int64(monkeypatch: pytest.MonkeyPatch) -> Non
     layer.tokens_per_expert.fill_(2**24 + 1)
     reduced = []
 
-    def all_reduce(tensor: Tensor, op=None) -> None:  # noqa: ANN001 - a second rank with the same values
+    def all_reduce(tensor: Tensor, op=None) -> None:  # a second rank with the same values
         reduced.append(tensor.dtype)
         tensor.mul_(2)
 

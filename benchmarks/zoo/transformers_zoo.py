@@ -535,7 +535,7 @@ def _builds_at_default_size(model_type: str) -> bool:
     try:
         cls = _model_class(model_type)
         _parameter_count(cls, _model_config(cls, AutoConfig.for_model(model_type)))
-    except Exception:  # noqa: BLE001 - any failure answers the question
+    except Exception:  # any failure answers the question
         return False
     return True
 
@@ -580,7 +580,7 @@ def _run(model_type: str, model: PreTrainedModel, seed: int) -> dict[str, Any]:
         candidates = _candidate_inputs(model_type, model, seed)
     except PASS_THROUGH:
         raise
-    except Exception as error:  # noqa: BLE001 - only a ZooSkip leaves build()
+    except Exception as error:  # only a ZooSkip leaves build()
         raise ZooSkip(f"no inputs: {_error(error)}") from error
     errors = {}
     for attempt, make_inputs in enumerate(candidates):
@@ -590,7 +590,7 @@ def _run(model_type: str, model: PreTrainedModel, seed: int) -> dict[str, Any]:
                 break
         except PASS_THROUGH:
             raise
-        except Exception as error:  # noqa: BLE001 - any failure means: try the next input set
+        except Exception as error:  # any failure means: try the next input set
             errors[attempt] = _error(error)
     else:  # the multimodal attempt (0) comes first, but the main input's error says more
         first = min(errors, key=lambda i: (i == 0, i), default=None)
@@ -617,7 +617,7 @@ def _build_model(model_type: str, seed: int) -> tuple[PreTrainedModel, int]:
     except ImportError as error:  # transformers says "... requires the timm library ..."
         package = re.search(r"requires the (\S+) library", str(error))
         raise ZooSkip(f"needs {package[1] if package else error.name or error}") from error
-    except Exception as error:  # noqa: BLE001 - the sweep records any build failure as a skip
+    except Exception as error:  # the sweep records any build failure as a skip
         default = "" if _builds_at_default_size(model_type) else " (nor at its default size)"
         raise ZooSkip(f"does not build{default}: {_error(error)}") from error
 

@@ -21,7 +21,7 @@ from typing import Any
 from moeify.monitors.base import CardPlot, card_declarations
 
 
-def _pyplot():  # noqa: ANN202
+def _pyplot():
     try:
         import matplotlib
 
@@ -127,7 +127,7 @@ def _top_k(history: list[dict[str, Any]], monitor: str, layer: str) -> int:
     return 1
 
 
-def _save(fig, plt, path: Path) -> Path:  # noqa: ANN001
+def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

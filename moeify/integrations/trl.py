@@ -40,7 +40,7 @@ def sft_loss(model: nn.Module) -> Callable[..., Tensor]:
         raise ValueError(f"sft_loss needs a model converted by moeify, got {type(model).__name__}")
     owner = _causal_lm(model)
 
-    def loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:  # noqa: ANN001
+    def loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         task = owner.loss_function(
             logits=outputs.logits, labels=labels, vocab_size=owner.config.get_text_config().vocab_size,
             num_items_in_batch=num_items_in_batch,

@@ -149,10 +149,10 @@ if _HAS_OP:
     def _(grad_y_AO: Tensor, x_AI: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         return grad_y_AO.new_empty(tokens_per_expert_E.shape[0], grad_y_AO.shape[1], x_AI.shape[1])
 
-    def _setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:  # noqa: ANN001
+    def _setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
 
-    def _backward(ctx, grad_y_AO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+    def _backward(ctx, grad_y_AO: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         """Only the gradients asked for: grad_x = grad_y @ weight[e] (the same op on weight's
         transpose), grad_weight per expert."""
         x_AI, weight_EOI, tokens_per_expert_E = ctx.saved_tensors

@@ -216,7 +216,7 @@ class ExpertLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_AD, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, sizes, activate):  # noqa: ANN001, ANN205
+    def forward(ctx, x_AD, w_in_EHD, b_in_EH, w_out_EOI, b_out_EO, sizes, activate):
         # The pre-activations are kept for backward (written once here, read back only there).
         h_AH = x_AD.new_empty(x_AD.shape[0], w_in_EHD.shape[1])
         y_AO = x_AD.new_empty(x_AD.shape[0], w_out_EOI.shape[1])
@@ -229,7 +229,7 @@ class ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y_AO):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_y_AO):
         x_AD, w_in_EHD, w_out_EOI, h_AH = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
         need_h = need_x or need_w_in or need_b_in

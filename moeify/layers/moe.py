@@ -113,7 +113,7 @@ class MoeLayer(nn.Module):
         self.last_losses: dict[str, Tensor] = {}
         self.clear_losses()
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+    def _apply(self, fn, recurse=True):  # torch's own signature
         # The statistics stay fp32 across `.to(torch.bfloat16)` / `.half()`, as the routers do
         # (Fp32Module): bf16 sums lose their tail after a few hundred tokens
         # (test_routers_and_statistics_stay_fp32_in_a_bf16_model).
@@ -167,7 +167,7 @@ class MoeLayer(nn.Module):
         computes neither (a decode step's routing work halves); the routing counts still add up."""
         return not (self.training or self.collect_stats or torch.is_grad_enabled())
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - FFN signature
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # FFN signature
         batch_shape = hidden_states.shape[:-1]
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits_TE, probs_TE, top_probs_TK1, expert_idx_TK, weights_TK = self.route(

@@ -51,7 +51,7 @@ class TokenMask:
         self.explicit: Tensor | None = None
         self._positions: dict[str, int] = {}
 
-    def bind(self, forward) -> None:  # noqa: ANN001 - any callable
+    def bind(self, forward) -> None:  # any callable
         """Learn where the masks sit among the forward's positional parameters."""
         try:
             parameters = inspect.signature(forward).parameters.values()

@@ -31,7 +31,7 @@ class AddResidual(nn.Module):
         self.moe = moe
         self.position, self.name = position, name
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - the FFN's signature
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # the FFN's signature
         if self.position == 0:
             residual = hidden_states
         else:
@@ -49,7 +49,7 @@ class ChannelsFirst(nn.Module):
         super().__init__()
         self.moe = moe
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # noqa: ANN002,ANN003 - the FFN's signature
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:  # the FFN's signature
         return self.moe(hidden_states.movedim(1, -1)).movedim(-1, 1)
 
 

@@ -9,7 +9,7 @@ from moeify.sinks.jsonl import JsonlSink, read_run
 __all__ = ["AccelerateSink", "ConsoleSink", "JsonlSink", "MoeifyCallback", "read_run"]
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str):
     if name == "MoeifyCallback":
         from moeify.sinks.trainer import MoeifyCallback
 

@@ -17,7 +17,7 @@ DEFAULT_COLUMNS = (
 
 
 class ConsoleSink:
-    def __init__(self, every: int = 1, stream: TextIO | None = None, columns=DEFAULT_COLUMNS) -> None:  # noqa: ANN001
+    def __init__(self, every: int = 1, stream: TextIO | None = None, columns=DEFAULT_COLUMNS) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every, self.stream, self.columns = every, stream or sys.stdout, tuple(columns)

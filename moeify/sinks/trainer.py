@@ -38,7 +38,7 @@ class MoeifyCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, self)
         return self
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001,ANN201,ANN003
+    def on_step_end(self, args, state, control, **kwargs):
         if not self.routing.hooked:
             self.routing.step()
         record = self.runner.step() if self.runner is not None else None
@@ -57,7 +57,7 @@ class MoeifyCallback(TrainerCallback):
                 values["moeify/load_cv_max"] = max(cvs)
         return values
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001,ANN201,ANN003
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None:
             values = self.scalars()
             logs.update(values)  # seen by the callbacks after this one
@@ -65,7 +65,7 @@ class MoeifyCallback(TrainerCallback):
                 state.log_history[-1].update(values)
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001,ANN201,ANN003
+    def on_train_end(self, args, state, control, **kwargs):
         if self.runner is not None:
             self.runner.close()
         return control

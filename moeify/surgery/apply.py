@@ -31,7 +31,7 @@ from moeify.surgery.plan import ConversionPlan
 
 
 @contextlib.contextmanager
-def seeded(seed: int):  # noqa: ANN201
+def seeded(seed: int):
     """Seed the CPU RNG for a block and restore the caller's state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -18,7 +18,7 @@ def _snapshot(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     passed to, and a later trace of that call must see it as it was."""
     try:
         return copy.deepcopy((args, kwargs))
-    except Exception:  # noqa: BLE001 - an argument that cannot be copied is passed as it is
+    except Exception:  # an argument that cannot be copied is passed as it is
         return args, kwargs
 
 

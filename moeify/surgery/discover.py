@@ -241,7 +241,7 @@ def _rows_check(act: nn.Module, source: Tensor, result: Tensor, channel: int) ->
     try:
         with torch.no_grad(), eval_mode(act):
             out = act(rows)
-    except Exception as error:  # noqa: BLE001 - the reason is reported
+    except Exception as error:  # the reason is reported
         return f"its activation does not run on tokens one at a time ({type(error).__name__}: {error})"[:300]
     if out.shape != expected.shape or relative_error(out, expected) > tolerance_for(rows.dtype, 1e-5):
         return "its activation, applied to tokens one at a time, computes something else than in the block"
@@ -280,7 +280,7 @@ class Analyser:
         if key not in self._cache:
             try:
                 trace = record(module, args, kwargs)
-            except Exception as error:  # noqa: BLE001 - reported, as for `analyse`
+            except Exception as error:  # reported, as for `analyse`
                 self._cache[key] = Analysis(
                     f"did not run on its recorded inputs ({type(error).__name__}: {error})"[:300]
                 )
@@ -304,7 +304,7 @@ class Analyser:
             for kwargs in _attempts(target, x):
                 try:
                     trace = record(target, (x,), kwargs)
-                except Exception as error:  # noqa: BLE001 - any failure means "cannot run alone"
+                except Exception as error:  # any failure means "cannot run alone"
                     failure = failure or f"{type(error).__name__}: {error}"
                     continue
                 return self._read(trace, target)

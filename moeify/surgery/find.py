@@ -85,7 +85,7 @@ class FFNReport:
     def __len__(self) -> int:
         return len(self.sites)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.sites)
 
     def as_dict(self) -> dict:

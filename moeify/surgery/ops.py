@@ -206,7 +206,7 @@ def is_norm(trace: Trace, node: Node) -> bool:
     try:
         with torch.no_grad():
             doubled = module(2 * x)
-    except Exception:  # noqa: BLE001 - cannot tell: not a norm
+    except Exception:  # cannot tell: not a norm
         return False
     if not isinstance(doubled, Tensor) or doubled.shape != node.out().shape:
         return False

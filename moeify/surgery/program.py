@@ -163,7 +163,7 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _encode(value: Any) -> Any:  # noqa: C901 - one branch per kind of value a recorded argument can be
+def _encode(value: Any) -> Any:  # one branch per kind of value a recorded argument can be
     if isinstance(value, Slot):
         return {"slot": [value.step, value.pos]}
     if isinstance(value, Const):
@@ -187,7 +187,7 @@ def _encode(value: Any) -> Any:  # noqa: C901 - one branch per kind of value a r
     raise NotReplayable(f"the recorded argument {value!r} cannot be stored in a checkpoint")
 
 
-def _decode(value: Any) -> Any:  # noqa: C901 - the inverse of _encode
+def _decode(value: Any) -> Any:  # the inverse of _encode
     if isinstance(value, list):
         return [_decode(v) for v in value]
     if not isinstance(value, dict):

@@ -11,7 +11,7 @@ import matplotlib
 from exp_pitchfork import mean_field_imbalance
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+import matplotlib.pyplot as plt  # after the backend is chosen
 
 
 def _save(fig: Any, out: Path, name: str) -> str:

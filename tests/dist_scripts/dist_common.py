@@ -102,7 +102,7 @@ def loss_of(kind: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def starve(model: nn.Module, rows: slice) -> None:
     """Bias every router so that the tokens in `rows` never pick expert STARVED."""
 
-    def hook(module: nn.Module, args, logits_TE: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def hook(module: nn.Module, args, logits_TE: torch.Tensor) -> torch.Tensor:
         bias_TE = torch.zeros_like(logits_TE)
         bias_TE[rows, STARVED] = -1e4
         return logits_TE + bias_TE

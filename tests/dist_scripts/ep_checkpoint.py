@@ -35,7 +35,7 @@ def gathered(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
-def steps(model, ddp, optimizer, first: int, count: int, rank: int, world: int) -> None:  # noqa: ANN001
+def steps(model, ddp, optimizer, first: int, count: int, rank: int, world: int) -> None:
     for step in range(first, first + count):
         loss, _, _ = loss_for("llama", ddp, rank_batch("llama", step, rank, world))
         loss.backward()

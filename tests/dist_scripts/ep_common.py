@@ -77,7 +77,7 @@ def skew(model: nn.Module) -> None:
     """Half of every batch's tokens (the even ones) pick expert 0 first; nobody picks expert 3."""
     starve(model, slice(None))
 
-    def hook(module: nn.Module, args, logits_TE: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def hook(module: nn.Module, args, logits_TE: torch.Tensor) -> torch.Tensor:
         bias_TE = torch.zeros_like(logits_TE)
         bias_TE[::2, 0] = 1e4
         return logits_TE + bias_TE

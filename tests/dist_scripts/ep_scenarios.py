@@ -24,7 +24,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def wrap(model: torch.nn.Module, mesh, fsdp: bool) -> torch.nn.Module:  # noqa: ANN001
+def wrap(model: torch.nn.Module, mesh, fsdp: bool) -> torch.nn.Module:
     """Experts over the mesh; the rest under DDP, or FSDP2 over the same ranks (experts ignored)."""
     md.apply_expert_parallel(model, mesh)
     if not fsdp:
@@ -35,7 +35,7 @@ def wrap(model: torch.nn.Module, mesh, fsdp: bool) -> torch.nn.Module:  # noqa: 
     return fully_shard(model, mesh=mesh, ignored_params=experts)
 
 
-def run(name: str, mesh, rank: int, world: int) -> dict:  # noqa: ANN001
+def run(name: str, mesh, rank: int, world: int) -> dict:
     spec = SCENARIOS[name]
     model = build_scenario(name, world)
     ddp = wrap(model, mesh, spec.get("fsdp", False))

@@ -22,7 +22,7 @@ from moeify.integrations.accelerate import shard_routers
 BF16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard(model: torch.nn.Module, mesh, routers: bool) -> torch.nn.Module:  # noqa: ANN001
+def shard(model: torch.nn.Module, mesh, routers: bool) -> torch.nn.Module:
     if routers:
         shard_routers(model, mesh=mesh)
     for _, layer in moeify.moe_layers(model):
@@ -31,7 +31,7 @@ def shard(model: torch.nn.Module, mesh, routers: bool) -> torch.nn.Module:  # no
     return model
 
 
-def without_router_units(mesh, rank: int) -> str:  # noqa: ANN001
+def without_router_units(mesh, rank: int) -> str:
     """What FSDP2's bf16 policy does to a router that shares its MoE layer's unit."""
     model = shard(build("llama"), mesh, routers=False)
     try:

@@ -17,7 +17,7 @@ class Fp32Module(nn.Module):
     `.bfloat16()`: router logits decide discrete routes, and a bf16 router loses its tiny updates
     and flips routes on rounding (ST-MoE's "selective precision")."""
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+    def _apply(self, fn, recurse=True):  # torch's own signature
         def keep_fp32(t: Tensor) -> Tensor:
             out = fn(t)
             if not out.is_floating_point() or out.dtype == torch.float32:

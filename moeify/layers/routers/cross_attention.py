@@ -37,7 +37,7 @@ class ConditioningContext:
         self._position: int | None = None
         self._mask_position: int | None = None
 
-    def bind(self, forward) -> None:  # noqa: ANN001
+    def bind(self, forward) -> None:
         """Learn where the conditioning and its mask sit among the forward's positional parameters."""
         names = [
             p.name
@@ -87,7 +87,7 @@ class CrossAttentionRouter(Router):
         num_heads: int,
         num_experts: int,
         init_std: float,
-        device=None,  # noqa: ANN001
+        device=None,
     ) -> None:
         super().__init__()
         if attention_size % num_heads:

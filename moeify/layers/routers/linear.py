@@ -11,7 +11,7 @@ from moeify.layers.routers.base import Router, register_router
 class LinearRouter(Router):
     output_layers = ("gate",)
 
-    def __init__(self, hidden_size: int, num_experts: int, init_std: float, device=None) -> None:  # noqa: ANN001
+    def __init__(self, hidden_size: int, num_experts: int, init_std: float, device=None) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, device=device, dtype=torch.float32)
