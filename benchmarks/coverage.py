@@ -154,7 +154,10 @@ def classify_refusal(model: Any, report: Any) -> tuple[bool, str]:
         return False, unexplained[0]
     block = _ffn_shaped_block(model, report)
     if block is not None:
-        return False, f"FFN-shaped weights in {block} (D -> I -> D projections or 1x1 convolutions), but no FFN was found"
+        return (
+            False,
+            f"FFN-shaped weights in {block} (D -> I -> D projections or 1x1 convolutions), but no FFN was found",
+        )
     return True, _refusal_reason(reasons)
 
 
@@ -275,7 +278,9 @@ def sweep(tasks: list[tuple[str, str]], jobs: int) -> list[dict]:
             fresh.start()
             workers.append(fresh)
         rows.append(row)
-        print(f"[{len(rows)}/{len(tasks)}] {row['library']}/{row['name']}: {row['status']} {row.get('reason', '')[:100]}")
+        print(
+            f"[{len(rows)}/{len(tasks)}] {row['library']}/{row['name']}: {row['status']} {row.get('reason', '')[:100]}"
+        )
     for _ in workers:
         queue.put(None)
     return sorted(rows, key=lambda r: (r["library"], r["name"]))
@@ -287,7 +292,12 @@ def summary(rows: list[dict], library: str) -> dict:
     counts["reviewed"] = sum(bool(r.get("reviewed")) for r in mine)
     built = counts["preserved"] + counts["refused"] + counts["failed"]
     good = counts["preserved"] + counts["refused"]
-    return counts | {"total": len(mine), "built": built, "covered": good, "percent": round(100 * good / built, 1) if built else 0.0}
+    return counts | {
+        "total": len(mine),
+        "built": built,
+        "covered": good,
+        "percent": round(100 * good / built, 1) if built else 0.0,
+    }
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -316,13 +326,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
         chosen = [r for r in rows if r["status"] == status]
         if not chosen:
             continue
-        lines += ["", f"## {status} ({len(chosen)})", "", "| library | model | sites | find (s) | detail |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {status} ({len(chosen)})",
+            "",
+            "| library | model | sites | find (s) | detail |",
+            "|---|---|---|---|---|",
+        ]
         for r in chosen:
-            detail = r.get("reason") or f"max diff {r.get('max_relative_difference', 0):.1e}, {'/'.join(r.get('sources', []))}"
+            detail = (
+                r.get("reason")
+                or f"max diff {r.get('max_relative_difference', 0):.1e}, {'/'.join(r.get('sources', []))}"
+            )
             if status == "failed" and r["name"] in FAILURE_NOTES:
                 detail += f" (why: {FAILURE_NOTES[r['name']]})"
             detail = detail.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['library']} | {r['name']} | {r.get('sites', '')} | {r.get('find_seconds', '')} | {detail} |")
+            lines.append(
+                f"| {r['library']} | {r['name']} | {r.get('sites', '')} | {r.get('find_seconds', '')} | {detail} |"
+            )
     return "\n".join(lines) + "\n"
 
 

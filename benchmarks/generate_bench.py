@@ -83,7 +83,9 @@ PRESETS = {
 def config(spec: Spec):  # a LlamaConfig (transformers imported lazily)
     from transformers import LlamaConfig
 
-    return LlamaConfig(num_hidden_layers=spec.layers, max_position_embeddings=8192, rms_norm_eps=1e-5, **SHAPES[spec.model])
+    return LlamaConfig(
+        num_hidden_layers=spec.layers, max_position_embeddings=8192, rms_norm_eps=1e-5, **SHAPES[spec.model]
+    )
 
 
 def dtype_for(device: torch.device) -> torch.dtype:
@@ -179,7 +181,9 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, *, comp
         kwargs |= dict(cache_implementation="static", compile_config=compile_config)
     clock.start = clock.now()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]), **kwargs)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), logits_processor=LogitsProcessorList([clock]), **kwargs
+        )
     clock.end = clock.now()
     return out
 
@@ -229,11 +233,20 @@ def child(job: dict) -> dict:
     if job["kind"] == "time":
         return time_cells(spec, job["mode"], models, device, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
     ids = prompt_ids(spec, 1, 128, device)
-    run = {name: (lambda clock, m=m: generate(m, ids, spec.new_tokens, compiled=False, clock=clock)) for name, m in models.items()}
+    run = {
+        name: (lambda clock, m=m: generate(m, ids, spec.new_tokens, compiled=False, clock=clock))
+        for name, m in models.items()
+    }
     generate(models["moeify"], ids, spec.new_tokens, compiled=False)  # warm
-    parts = {name: generate_profile.breakdown(m, "moeify" if name == "moeify" else "native", run[name], Clock) for name, m in models.items()}
+    parts = {
+        name: generate_profile.breakdown(m, "moeify" if name == "moeify" else "native", run[name], Clock)
+        for name, m in models.items()
+    }
     inputs = generate_profile.capture(models["moeify"], run["moeify"], Clock)
-    return {"breakdown": parts, "replay": generate_profile.replay(models["moeify"], models[NATIVE], inputs, 3 * spec.repeats)}
+    return {
+        "breakdown": parts,
+        "replay": generate_profile.replay(models["moeify"], models[NATIVE], inputs, 3 * spec.repeats),
+    }
 
 
 def peak_memory(spec: Spec, directory: Path, device: torch.device, name: str, cell: tuple[int, int]) -> float:
@@ -260,7 +273,10 @@ def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dic
         except RuntimeError as error:
             info["failures"].append({"mode": "prepare", "error": str(error)})
             return [], info
-        log(f"[generate {spec.label}: built, saved, exported, logits agree ({time.perf_counter() - t0:.0f} s)]", flush=True)
+        log(
+            f"[generate {spec.label}: built, saved, exported, logits agree ({time.perf_counter() - t0:.0f} s)]",
+            flush=True,
+        )
         for mode in spec.modes:
             try:
                 info[mode] = run_child(base | {"kind": "time", "mode": mode}, env, __file__)
@@ -270,7 +286,9 @@ def measure(spec: Spec, device: torch.device, log=print) -> tuple[list[Row], dic
         info["memory"] = {"cell": f"{cell[0]}x{cell[1]}"}
         for name in CONTENDERS:
             try:
-                info["memory"][name] = run_child(base | {"kind": "memory", "name": name, "cell": cell}, env, __file__)["peak_mb"]
+                info["memory"][name] = run_child(base | {"kind": "memory", "name": name, "cell": cell}, env, __file__)[
+                    "peak_mb"
+                ]
             except RuntimeError as error:
                 info["failures"].append({"mode": f"memory {name}", "error": str(error)})
         try:
@@ -296,7 +314,11 @@ def rows(spec: Spec, info: dict) -> list[Row]:
             for phase, key in (("prefill", "ttft_s"), ("decode", "decode_s")):
                 median, q1, q3, fastest = _ratio(ours[key], theirs[key])
                 ms = [1e3 * statistics.median(r[key]) for r in (ours, theirs)]
-                note = f"tokens/s {1e3 * batch / ms[0]:.1f} vs {1e3 * batch / ms[1]:.1f}" if phase == "decode" else "time to first token"
+                note = (
+                    f"tokens/s {1e3 * batch / ms[0]:.1f} vs {1e3 * batch / ms[1]:.1f}"
+                    if phase == "decode"
+                    else "time to first token"
+                )
                 if mode == "compiled":
                     note += f"; first call {ours['warmup_s'][0]:.0f} / {theirs['warmup_s'][0]:.0f} s"
                 out.append(Row("generate", spec.label, f"{phase} {mode} {cell}", "moeify", NATIVE, median, q1, q3,
@@ -321,7 +343,9 @@ def summary(found: list[Row], infos: list[dict]) -> list[dict]:
     compiled), peak memory <= 1, a decode step's MoE blocks <= 1.5x their limit. A failure misses."""
     verdicts = []
     groups = {
-        "time (prefill and decode) <= 1.0, every cell, eager": lambda r: r.mode.startswith(("prefill eager", "decode eager")),
+        "time (prefill and decode) <= 1.0, every cell, eager": lambda r: r.mode.startswith(
+            ("prefill eager", "decode eager")
+        ),
         "time (prefill and decode) <= 1.0, every cell, compiled": lambda r: " compiled " in r.mode,
         "peak memory of generate() <= 1.0": lambda r: r.mode.startswith("peak memory"),
         "decode MoE blocks ÷ reading each hit expert once <= 1.5": lambda r: r.mode.startswith("decode moe"),
@@ -346,7 +370,9 @@ def format_table(found: list[Row], info: dict) -> str:
     """One line per cell: time ratios (<= 1: moeify faster) and tokens/s; then memory, the limit,
     and the decode-step profile."""
     lines = [f"generate(), {info['label']}, {info['device']}, check: {info.get('check')}"]
-    lines.append(f"{'phase / mode / cell':<28} {'moeify ÷ native':>15} {'IQR':>10} {'min÷min':>7}  ms (moeify / native)  note")
+    lines.append(
+        f"{'phase / mode / cell':<28} {'moeify ÷ native':>15} {'IQR':>10} {'min÷min':>7}  ms (moeify / native)  note"
+    )
     for r in found:
         ms = "" if r.candidate_ms is None else f"{r.candidate_ms:.1f} / {r.baseline_ms:.1f}"
         spread = f"{r.ratio_q1:.2f}–{r.ratio_q3:.2f}"
@@ -395,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     if begun is None:
         return 0
     device, started, machine = begun
-    print(f"generate() benchmark on {machine}, {str(dtype_for(device)).removeprefix('torch.')}, load {loadavg()}", flush=True)
+    print(
+        f"generate() benchmark on {machine}, {str(dtype_for(device)).removeprefix('torch.')}, load {loadavg()}",
+        flush=True,
+    )
     found, infos = [], []
     for spec in specs_from(args):
         spec_rows, info = measure(spec, device)

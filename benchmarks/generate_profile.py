@@ -28,7 +28,11 @@ from torch import Tensor, nn
 # The parts of a MoE block, by attribute: moeify's MoeLayer and transformers' Qwen2MoeSparseMoeBlock.
 PARTS = {
     "moeify": {"router": ("router",), "routed experts": ("experts",), "shared experts": ("shared_experts",)},
-    "native": {"router": ("gate",), "routed experts": ("experts",), "shared experts": ("shared_expert", "shared_expert_gate")},
+    "native": {
+        "router": ("gate",),
+        "routed experts": ("experts",),
+        "shared experts": ("shared_expert", "shared_expert_gate"),
+    },
 }
 CAPTURE_STEP = 3  # the decode step whose MoE inputs are replayed (the first ones warm caches)
 
@@ -99,7 +103,9 @@ def capture(model: nn.Module, run: Callable, clock_type: type) -> list[Tensor]:
         for handle in handles:
             handle.remove()
     if not inputs:
-        raise ValueError(f"the profile replays decode step {CAPTURE_STEP}: generate at least {CAPTURE_STEP + 1} new tokens")
+        raise ValueError(
+            f"the profile replays decode step {CAPTURE_STEP}: generate at least {CAPTURE_STEP + 1} new tokens"
+        )
     return inputs
 
 

@@ -136,6 +136,7 @@ def _reset_peak(device: torch.device) -> None:
 
 def _compile_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
+
     return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
 
 
@@ -147,7 +148,9 @@ def prepare(spec: Spec, directory: str, device: torch.device) -> dict:
     moeify.export(model, directory, "qwen2_moe")
     twin = load_twin(directory).to(device).eval()
     ids = token_batch(spec, device)
-    info: dict = {"parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in (("moeify", model), ("twin", twin))}}
+    info: dict = {
+        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in (("moeify", model), ("twin", twin))}
+    }
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
         info["moeify"] = dict(zip(("ce", "weighted_aux"), losses("moeify", model, out)[1:]))
@@ -309,7 +312,9 @@ def _rows(spec: Spec, mode: str, timed: dict, paired: bool, failures: list) -> l
         if not paired:  # separate processes: the ratio of the medians
             ratio = q1 = q3 = timings.median_ms("moeify") / timings.median_ms(name)
         tokens_s = [spec.batch * spec.seq / statistics.median(r["step_s"]) for r in (ours, theirs)]
-        note = f"ratio = step time; median tokens/s {tokens_s[0]:.0f} vs {tokens_s[1]:.0f}" + ("" if paired else ", unpaired")
+        note = f"ratio = step time; median tokens/s {tokens_s[0]:.0f} vs {tokens_s[1]:.0f}" + (
+            "" if paired else ", unpaired"
+        )
         note += f"; compile {ours['compile_s']:.0f} / {theirs['compile_s']:.0f} s" if mode == "compiled" else ""
         rows.append(
             Row("model", spec.label, f"train {mode}", "moeify", name, ratio, q1, q3, timings.median_ms("moeify"),
@@ -317,7 +322,9 @@ def _rows(spec: Spec, mode: str, timed: dict, paired: bool, failures: list) -> l
         )  # fmt: skip
         if ours.get("peak_mb") and theirs.get("peak_mb"):
             mem, note = ours["peak_mb"] / theirs["peak_mb"], f"peak {ours['peak_mb']:.0f} / {theirs['peak_mb']:.0f} MB"
-            rows.append(Row("model", spec.label, f"peak memory {mode}", "moeify", name, mem, mem, mem, None, None, 1.0, note))
+            rows.append(
+                Row("model", spec.label, f"peak memory {mode}", "moeify", name, mem, mem, mem, None, None, 1.0, note)
+            )
     return rows
 
 
@@ -351,11 +358,17 @@ def format_model_table(rows: list[Row], info: dict) -> str:
             speed = next((r for r in rows if r.mode == f"train {mode}" and r.baseline == name), None)
             mem = next((r for r in rows if r.mode == f"peak memory {mode}" and r.baseline == name), None)
             if speed is None:
-                why = [f"{f['name']}: {f['error']}" for f in info["failures"] if f["mode"] == mode and f["name"] in ("moeify", name)]
+                why = [
+                    f"{f['name']}: {f['error']}"
+                    for f in info["failures"]
+                    if f["mode"] == mode and f["name"] in ("moeify", name)
+                ]
                 lines.append(f"{mode:<9} {name:<24} {'failed':>8} {'':>7} {'':>6}  {'; '.join(why)}")
                 continue
             memory, note = (f"{mem.ratio:.3f}", f"{speed.note}; {mem.note}") if mem else ("n/a", speed.note)
-            lines.append(f"{mode:<9} {name:<24} {1 / speed.ratio:>8.3f} {1 / speed.min_ratio:>7.3f} {memory:>6}  {note}")
+            lines.append(
+                f"{mode:<9} {name:<24} {1 / speed.ratio:>8.3f} {1 / speed.min_ratio:>7.3f} {memory:>6}  {note}"
+            )
     return "\n".join(lines)
 
 
@@ -369,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the quick preset: 4 layers, batch 4 x 256, 5 steps")
     for flag in ("layers", "batch", "seq", "steps"):
-        parser.add_argument(f"--{flag}", type=int, help=f"override the preset's {flag} (full: {getattr(PRESETS['full'], flag)})")
+        parser.add_argument(
+            f"--{flag}", type=int, help=f"override the preset's {flag} (full: {getattr(PRESETS['full'], flag)})"
+        )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
     parser.add_argument("--output", type=Path, help="also write the rows and details as JSON there")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -379,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device, started, machine = begun
     spec = spec_from(args, args.quick)
-    print(f"whole-model benchmark on {machine}, float32, {spec.label}, {spec.steps} steps, load {loadavg()}", flush=True)
+    print(
+        f"whole-model benchmark on {machine}, float32, {spec.label}, {spec.steps} steps, load {loadavg()}", flush=True
+    )
     rows, info = measure(spec, device)
     verdicts = summary(rows, info)
     print(format_model_table(rows, info))

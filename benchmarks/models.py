@@ -245,4 +245,3 @@ def perturb_experts(model: nn.Module, scale: float = 0.01, seed: int = 1) -> Non
     for _, layer in moe_layers(model):
         for weight in (layer.experts.w_in, layer.experts.w_out):
             weight.add_(scale * torch.randn(weight.shape, generator=generator))
-

@@ -27,8 +27,13 @@ from moeify.monitors import attach_monitors
 
 def build(hidden: int, layers: int, experts: int):
     config = AutoConfig.for_model(
-        "llama", hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), vocab_size=1000,
+        "llama",
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        vocab_size=1000,
     )
     torch.manual_seed(0)
     return moeify(AutoModelForCausalLM.from_config(config), num_experts=experts, top_k=2)

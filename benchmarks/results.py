@@ -117,13 +117,22 @@ def start(child_job: str | None, child: Callable[[dict], dict]) -> tuple[torch.d
     return device, time.perf_counter(), machine
 
 
-def finish(verdicts: list[dict], rows: list[Row], details: object, machine: str, started: float, output: Path | None) -> None:
+def finish(
+    verdicts: list[dict], rows: list[Row], details: object, machine: str, started: float, output: Path | None
+) -> None:
     """The end of a standalone benchmark: print each verdict, write rows and details as JSON when
     asked, print the elapsed time."""
     for v in verdicts:
         print(f"{'MET ' if v['met'] else 'MISSED'}  {v['question']}: {v['worst_ratio']} ({v['where']})")
     if output:
-        result = {"machine": {"device": machine, "torch": torch.__version__, "loadavg_after": loadavg()}, "summary": verdicts}
-        result |= {"seconds": round(time.perf_counter() - started), "rows": [r.as_dict() for r in rows], "details": details}
+        result = {
+            "machine": {"device": machine, "torch": torch.__version__, "loadavg_after": loadavg()},
+            "summary": verdicts,
+        }
+        result |= {
+            "seconds": round(time.perf_counter() - started),
+            "rows": [r.as_dict() for r in rows],
+            "details": details,
+        }
         output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"done in {time.perf_counter() - started:.0f} s")

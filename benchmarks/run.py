@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds per measurement (default 5, quick 2)")
     parser.add_argument("--tokens", type=int, help="tokens per batch (default 4096, quick 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--only", choices=("layers", "paths", "compile", "conversion", "model", "generate"), help="run one part")
+    parser.add_argument(
+        "--only", choices=("layers", "paths", "compile", "conversion", "model", "generate"), help="run one part"
+    )
     parser.add_argument(
         "--model-shape",
         choices=("quick", "full"),

@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.zero_grad()
         summary = runner.close()
     worst = summary["monitors"]["hottest_expert"]["worst_ratio"]
-    print(f"monitored {summary['steps']} steps, {summary['events']} events; worst hot-expert ratio per layer: "
-          + ", ".join(f"{name} {ratio:.2f}" for name, ratio in worst.items()))
+    print(
+        f"monitored {summary['steps']} steps, {summary['events']} events; worst hot-expert ratio per layer: "
+        + ", ".join(f"{name} {ratio:.2f}" for name, ratio in worst.items())
+    )
     return 0
 
 

@@ -38,8 +38,13 @@ def upcycled() -> torch.nn.Module:
     projection gets a full gradient, so a LoRA on it learns from step one (the "noise" init starts
     both projections near zero, and a LoRA on them barely moves)."""
     config = AutoConfig.for_model(
-        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

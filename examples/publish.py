@@ -39,8 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tiny_llama() -> torch.nn.Module:
     config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)

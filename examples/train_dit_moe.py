@@ -56,12 +56,20 @@ def build_model(args: argparse.Namespace) -> DiTTransformer2DModel:
         return DiTTransformer2DModel.from_pretrained(args.model, subfolder="transformer", torch_dtype=torch.float32)
     torch.manual_seed(0)
     return DiTTransformer2DModel(
-        num_attention_heads=args.heads, attention_head_dim=args.head_dim, in_channels=CHANNELS, num_layers=args.layers,
-        sample_size=args.sample_size, patch_size=2, num_embeds_ada_norm=args.num_classes, norm_num_groups=1,
+        num_attention_heads=args.heads,
+        attention_head_dim=args.head_dim,
+        in_channels=CHANNELS,
+        num_layers=args.layers,
+        sample_size=args.sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=args.num_classes,
+        norm_num_groups=1,
     )
 
 
-def batch(args: argparse.Namespace, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(
+    args: argparse.Namespace, step: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Synthetic latents: one fixed random pattern per class plus a little noise; the noise and
     timesteps of the denoising loss. Seeded by (step, rank): a resumed run sees the same batches."""
     side = args.sample_size
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> float:
     model.train()
     loss = torch.zeros(())
     for step in range(start, args.max_steps):
-        latents, noise, timesteps, labels = (t.to(accelerator.device) for t in batch(args, step, accelerator.process_index))
+        latents, noise, timesteps, labels = (
+            t.to(accelerator.device) for t in batch(args, step, accelerator.process_index)
+        )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         # DiT predicts noise and (learned) variance: the first CHANNELS output channels are the noise.
         prediction = model(hidden_states=noisy, timestep=timesteps, class_labels=labels).sample[:, :CHANNELS]

@@ -57,8 +57,14 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.model:  # fp32 master weights: accelerate's bf16 is autocast (../NOTES: bf16)
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = AutoConfig.for_model(
-        "llama", hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=max(64, args.seq_len),
+        "llama",
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=max(64, args.seq_len),
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)

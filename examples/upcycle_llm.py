@@ -41,8 +41,16 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, PreTrainedTokenize
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(args.model)
     config = AutoConfig.for_model(
-        "llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=0,
     )
     torch.manual_seed(0)
@@ -69,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Convert, checking the whole model against the dense one on a real batch.
     moeify.moeify(
-        model, num_experts=args.num_experts, top_k=args.top_k, shared_expert_init="zero_out",
+        model,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        shared_expert_init="zero_out",
         example_inputs={"input_ids": ids},
     )
     print(f"converted {len(moeify.moe_layers(model))} FFNs into {args.num_experts} experts each (verified)")
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = ids[:, :10]
     with torch.no_grad():
         generated = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=model.config.pad_token_id)
-    print(f"generated: {decode(generated[0, prompt.shape[1]:], tokenizer)!r}")
+    print(f"generated: {decode(generated[0, prompt.shape[1] :], tokenizer)!r}")
 
     # 4. Save and reload; the reloaded model must compute exactly the same logits.
     with tempfile.TemporaryDirectory() as tmp:

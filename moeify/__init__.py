@@ -1,8 +1,8 @@
 """moeify: turn a dense transformers / diffusers model into a sparse Mixture-of-Experts model.
 
-    from moeify import moeify, MoeifyConfig, find_ffns, aux_loss
-    model = moeify(model, num_experts=8, top_k=2)
-    loss = task_loss + aux_loss(model)
+from moeify import moeify, MoeifyConfig, find_ffns, aux_loss
+model = moeify(model, num_experts=8, top_k=2)
+loss = task_loss + aux_loss(model)
 """
 
 from moeify._version import __version__

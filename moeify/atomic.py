@@ -172,7 +172,12 @@ def staged_directory(
 
 @contextlib.contextmanager
 def staged_for_ranks(
-    target: Path, *, is_main: bool, barrier: Callable[[], None], tag: str, owned: Callable[[str], bool] = lambda name: False
+    target: Path,
+    *,
+    is_main: bool,
+    barrier: Callable[[], None],
+    tag: str,
+    owned: Callable[[str], bool] = lambda name: False,
 ) -> Iterator[Path]:
     """`staged_directory` for a checkpoint that several processes write together (each its own
     files): every process writes into one staging directory beside `target` (named by `tag`, the

@@ -66,9 +66,7 @@ def _as_pattern_list(name: str, value: Any) -> str | tuple[str, ...] | None:
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         _check(len(value) > 0, f"{name} is an empty list; pass None to select every FFN")
         return tuple(sorted(value)) if isinstance(value, set) else tuple(value)
-    raise ValueError(
-        f"{name} must be a regex string or a list of module names, got {type(value).__name__}: {value!r}"
-    )
+    raise ValueError(f"{name} must be a regex string or a list of module names, got {type(value).__name__}: {value!r}")
 
 
 @dataclass(frozen=True)
@@ -272,7 +270,9 @@ class MoeifyConfig:
         # Raw top-k scores (normalize_topk=False) scale clones by the chosen scores' sum, which
         # varies per token; only softmax scores all taken (top_k == num_experts) sum to 1.
         raw_scores_sum_to_one = self.router_score == "softmax" and self.top_k == self.num_experts
-        return self.reinit_fraction == 0 and self.experts_from is None and (self.normalize_topk or raw_scores_sum_to_one)
+        return (
+            self.reinit_fraction == 0 and self.experts_from is None and (self.normalize_topk or raw_scores_sum_to_one)
+        )
 
     def replace(self, **overrides: Any) -> MoeifyConfig:
         """A copy with some fields changed (validated again); unknown names are refused."""
@@ -301,7 +301,9 @@ class MoeifyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MoeifyConfig key(s) {unknown}: written by a newer moeify, or not a moeify config")
+            raise ValueError(
+                f"unknown MoeifyConfig key(s) {unknown}: written by a newer moeify, or not a moeify config"
+            )
         if "version" not in data:
             raise ValueError("this JSON has no 'version' field: it is not a moeify config")
         return cls(**data)
@@ -326,6 +328,7 @@ def recipe(config: MoeifyConfig | None, overrides: dict[str, Any], caller: str) 
             if isinstance(config, dict)
             else "pass options as keywords, e.g. num_experts=8"
         )
-        raise TypeError(f"{caller}: config must be a MoeifyConfig or None, got {type(config).__name__} {config!r}; {hint}")
+        raise TypeError(
+            f"{caller}: config must be a MoeifyConfig or None, got {type(config).__name__} {config!r}; {hint}"
+        )
     return config.replace(**overrides) if overrides else config
-

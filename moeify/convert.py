@@ -68,7 +68,12 @@ def _build_and_check(
 
 
 def _check(
-    model: nn.Module, site: FFNSite, index: int, layer: MoeLayer, plan: ConversionPlan, context: ConditioningContext | None
+    model: nn.Module,
+    site: FFNSite,
+    index: int,
+    layer: MoeLayer,
+    plan: ConversionPlan,
+    context: ConditioningContext | None,
 ) -> float:
     dense = model.get_submodule(site.name)
     dtype, device = _layer_dtype_device(model, site)
@@ -250,7 +255,9 @@ def aux_loss(model: nn.Module) -> Tensor:
     counted_twice = torch.is_grad_enabled() and any(layer.loss_taken_by_output for layer in layers)
     total = total_aux_loss(layers)
     if total is None:
-        raise ValueError("aux_loss(model) reads the router losses of the forwards since it was last taken: run a forward first")
+        raise ValueError(
+            "aux_loss(model) reads the router losses of the forwards since it was last taken: run a forward first"
+        )
     if counted_twice and model.training:
         warnings.warn(
             "moeify.aux_loss(model): the model's output.loss already includes these router losses "

@@ -51,7 +51,9 @@ def hub(tmp_path, monkeypatch: pytest.MonkeyPatch):
 
     with HubServer(tmp_path / "hub", token=TOKEN) as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
         monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # loopback only: nothing leaves the machine

@@ -181,4 +181,3 @@ def resign_checkpoint(directory) -> None:  # a path
         }
     record["record_checksum"] = record_checksum(record)
     (directory / MOEIFY_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-

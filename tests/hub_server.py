@@ -92,8 +92,9 @@ def check_metadata(content: str) -> list[str]:
 
 
 class HubServer:
-    def __init__(self, root: str | Path, *, token: str | None = None, max_body: int = 256 << 20,
-                 lifetime: float = 300.0) -> None:
+    def __init__(
+        self, root: str | Path, *, token: str | None = None, max_body: int = 256 << 20, lifetime: float = 300.0
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.token, self.max_body, self.lifetime = token, max_body, lifetime
@@ -190,7 +191,12 @@ class HubServer:
             target = self.root / repo_id / sha / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        commit = {"sha": sha, "summary": summary, "files": sorted(tree), "oids": {p: git_oid(d) for p, d in tree.items()}}
+        commit = {
+            "sha": sha,
+            "summary": summary,
+            "files": sorted(tree),
+            "oids": {p: git_oid(d) for p, d in tree.items()},
+        }
         repo["commits"].append(commit)
         repo["main"] = sha
         return commit
@@ -202,8 +208,9 @@ class HubServer:
             if repo_id in self.repos:
                 raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
             self.repos[repo_id] = {"private": body.get("visibility") == "private", "commits": [], "main": None}
-            self._commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
-                         "initial commit")
+            self._commit(
+                repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit"
+            )
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
 
     def validate(self, body: dict[str, Any], **_: Any) -> tuple[int, Any]:
@@ -311,7 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.token is not None and not public and self.headers.get("Authorization") != f"Bearer {hub.token}":
             raise HubError(401, "Invalid credentials in Authorization header")
         if method != "POST":
-            handler = {"tree": hub.tree_listing, "info": hub.info, "resolve": hub.resolve, "harnesses": hub.harnesses}[route]
+            handler = {"tree": hub.tree_listing, "info": hub.info, "resolve": hub.resolve, "harnesses": hub.harnesses}[
+                route
+            ]
             return route, *handler(**params)
         raw = self._read_body()
         if route == "commit":
@@ -336,8 +345,15 @@ class _Handler(BaseHTTPRequestHandler):
             content_type = "application/octet-stream"
         else:
             body, content_type = json.dumps(payload).encode(), "application/json"
-        hub.requests.append({"method": method, "route": self.route_name, "path": self.path, "status": status,
-                             "authorization": self.headers.get("Authorization")})
+        hub.requests.append(
+            {
+                "method": method,
+                "route": self.route_name,
+                "path": self.path,
+                "status": status,
+                "authorization": self.headers.get("Authorization"),
+            }
+        )
         self.send_response(status)
         for key, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}.items():
             self.send_header(key, value)

@@ -119,7 +119,9 @@ def test_keep_stats_local_names_every_routing_accumulator():
     assert names == [f"model.layers.{i}.mlp.{b}" for i in range(2) for b in accumulators]
     assert model._ddp_params_and_buffers_to_ignore == ["lm_head.weight", *names]
     # bias_counts exists once a bias rate is set (even after DDP wrapped the model): named ahead.
-    assert set(names) - {name for name, _ in model.named_buffers()} == {f"model.layers.{i}.mlp.bias_counts" for i in range(2)}
+    assert set(names) - {name for name, _ in model.named_buffers()} == {
+        f"model.layers.{i}.mlp.bias_counts" for i in range(2)
+    }
     biased = _llama(balance_bias_rate=1e-3)
     assert set(integration.keep_stats_local(biased)) <= {name for name, _ in biased.named_buffers()}
 

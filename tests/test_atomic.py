@@ -42,7 +42,9 @@ def saved(tmp_path: Path) -> tuple[Path, torch.Tensor]:
 
 
 @pytest.mark.parametrize("failure", ["midway", "disk_full"])
-def test_a_save_that_fails_halfway_leaves_the_old_checkpoint(saved, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+def test_a_save_that_fails_halfway_leaves_the_old_checkpoint(
+    saved, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
     directory, before = saved
     files = sorted(p.name for p in directory.iterdir())
     from huggingface_hub import save_torch_state_dict

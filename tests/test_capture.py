@@ -135,12 +135,20 @@ def test_the_layout_record_round_trips() -> None:
 
 @pytest.mark.parametrize(
     "function",
-    [{"namespace": "torch", "name": "load"}, {"namespace": "os", "name": "system"}, {"namespace": "tensor", "name": "tolist"}],
+    [
+        {"namespace": "torch", "name": "load"},
+        {"namespace": "os", "name": "system"},
+        {"namespace": "tensor", "name": "tolist"},
+    ],
 )
 def test_a_record_can_name_no_other_code(function: dict) -> None:
     """A checkpoint is untrusted input: its recorded activation may only call element-wise, dropout
     and split functions."""
-    data = {"steps": [{"fn": function, "args": [{"slot": [0, None]}], "kwargs": {}}], "result": {"slot": [1, None]}, "modules": {}}
+    data = {
+        "steps": [{"fn": function, "args": [{"slot": [0, None]}], "kwargs": {}}],
+        "result": {"slot": [1, None]},
+        "modules": {},
+    }
     with pytest.raises(ValueError, match="not an element-wise, dropout or split function"):
         Program.from_dict(data)
 

@@ -25,8 +25,10 @@ def fixed_run() -> dict:
     them, and more events than the card lists (the resolved ones are left out first)."""
 
     def record(step: int) -> dict:
-        load = {name: {"cv": 0.1 * step, "max_mean": 1.5, "top_k": 2.0, **{f"share_{e}": 0.25 for e in range(4)}}
-                for name in (L0, L1)}
+        load = {
+            name: {"cv": 0.1 * step, "max_mean": 1.5, "top_k": 2.0, **{f"share_{e}": 0.25 for e in range(4)}}
+            for name in (L0, L1)
+        }
         return {
             "step": step,
             "monitors": {
@@ -36,10 +38,14 @@ def fixed_run() -> dict:
             },
         }
 
-    events = [{"step": s, "monitor": "dead_experts", "layer": L0, "kind": "revived", "detail": f"e{s} | back"}
-              for s in range(1, 13)]
-    events += [{"step": s, "monitor": "deadlock", "layer": L1, "kind": "deadlocked", "detail": "expert 0 <- all"}
-               for s in range(2, 12)]
+    events = [
+        {"step": s, "monitor": "dead_experts", "layer": L0, "kind": "revived", "detail": f"e{s} | back"}
+        for s in range(1, 13)
+    ]
+    events += [
+        {"step": s, "monitor": "deadlock", "layer": L1, "kind": "deadlocked", "detail": "expert 0 <- all"}
+        for s in range(2, 12)
+    ]
     events += [{"step": 3, "monitor": "router_entropy", "layer": L1, "kind": "soft_saturation_ended", "detail": "x"}]
     summary = {
         "steps": 12,
@@ -50,12 +56,17 @@ def fixed_run() -> dict:
                 "model": {"soft_saturated_layers": 1, "saturated_layers": 0},
                 "layers": {L0: {"entropy": 0.91234}, L1: {"entropy": 0.12}},
             },
-            "dead_experts": {"dead_now": 1, "layers": {L0: {"dead_now": 0, "ever_dead": [1, 3]},
-                                                       L1: {"dead_now": 1, "ever_dead": []}}},
+            "dead_experts": {
+                "dead_now": 1,
+                "layers": {L0: {"dead_now": 0, "ever_dead": [1, 3]}, L1: {"dead_now": 1, "ever_dead": []}},
+            },
             "deadlock": {
                 "model": {
-                    "depth_profile": {"ever_deadlocked_fraction": 0.5, "u_thirds": 0.25,
-                                      "u_thirds_interval": [0.123456, 0.75]},
+                    "depth_profile": {
+                        "ever_deadlocked_fraction": 0.5,
+                        "u_thirds": 0.25,
+                        "u_thirds_interval": [0.123456, 0.75],
+                    },
                     "assignment_only_share": None,
                 },
                 "layers": {L0: {"deadlocked": False}, L1: {"deadlocked": True}},
@@ -162,16 +173,26 @@ def card_of_fixed_run() -> str:
 
 def test_card_health_section_is_pinned() -> None:
     text = card_of_fixed_run()
-    yaml = text[text.index("  routing_health:"):text.index("\n---", 4)]
-    assert text[text.index("## Routing health"):] == HEALTH_TEXT
+    yaml = text[text.index("  routing_health:") : text.index("\n---", 4)]
+    assert text[text.index("## Routing health") :] == HEALTH_TEXT
     assert yaml == HEALTH_YAML
 
 
 def test_card_of_a_real_run_has_every_built_in_column(trained_run) -> None:
     health = routing_health(trained_run)
     assert health["headers"] == [
-        "layer", "load cv", "max/mean load", "entropy", "dead experts", "ever dead", "deadlocked", "shared/routed",
-        "ecology E", "expert spread", "feedback kappa", "imbalance warnings",
+        "layer",
+        "load cv",
+        "max/mean load",
+        "entropy",
+        "dead experts",
+        "ever dead",
+        "deadlocked",
+        "shared/routed",
+        "ecology E",
+        "expert spread",
+        "feedback kappa",
+        "imbalance warnings",
     ]
     assert "–" not in {cell for row in health["rows"] for cell in row}
     assert list(health["yaml"])[:4] == ["steps", "observations", "moe_layers", "dead_experts"]
@@ -189,8 +210,9 @@ def missing_keys(monitor: type[Monitor], name: str, run: dict) -> list[str]:
     summary = run["summary"]["monitors"][name]
     per_layer = summary.get("layers", summary)
     layers = [layer for layer in run["summary"]["layers"] if layer in per_layer]
-    observed = [metrics for record in run["history"] for layer, metrics in record["monitors"][name].items()
-                if layer != "model"]
+    observed = [
+        metrics for record in run["history"] for layer, metrics in record["monitors"][name].items() if layer != "model"
+    ]
     missing = []
 
     def check_layer_key(what: str, key: str, last_key: str | None) -> None:
@@ -221,8 +243,11 @@ def missing_keys(monitor: type[Monitor], name: str, run: dict) -> list[str]:
 def declaring() -> list[str]:
     import moeify.control  # noqa: F401 - registers the remedies too
 
-    return [name for name in monitor_names()
-            if any(getattr(monitor_class(name), a) for a in ("card_columns", "card_figures", "card_plots"))]
+    return [
+        name
+        for name in monitor_names()
+        if any(getattr(monitor_class(name), a) for a in ("card_columns", "card_figures", "card_plots"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +274,15 @@ def trained_run() -> dict:
 
 def test_the_built_in_monitors_declare_the_card() -> None:
     assert set(declaring()) >= {
-        "expert_load", "router_entropy", "dead_experts", "deadlock", "shared_maturity", "ecology",
-        "expert_homogenization", "imbalance_early_warning", "lost_updates",
+        "expert_load",
+        "router_entropy",
+        "dead_experts",
+        "deadlock",
+        "shared_maturity",
+        "ecology",
+        "expert_homogenization",
+        "imbalance_early_warning",
+        "lost_updates",
     }
 
 
@@ -282,8 +314,10 @@ def test_a_renamed_summary_key_is_caught(trained_run) -> None:
 class Spread(Monitor):
     name = "test_spread"
     card_columns = (CardColumn("spread", "spread", last_key="spread"), CardColumn("flagged", "flag", format="flag"))
-    card_figures = (CardFigure("spread_max", path=("model", "spread_max")),
-                    CardFigure("flagged_layers", key="flag", reduce="layers"))
+    card_figures = (
+        CardFigure("spread_max", path=("model", "spread_max")),
+        CardFigure("flagged_layers", key="flag", reduce="layers"),
+    )
     card_plots = (CardPlot("spread.png", "Spread per layer", style="lines", metric="spread"),)
     resolved_events = ("spread_ended",)
 
@@ -294,10 +328,13 @@ def test_a_new_monitor_appears_on_the_card(tmp_path) -> None:
     run = fixed_run()
     for record in run["history"]:
         record["monitors"]["test_spread"] = {L0: {"spread": 0.25 * record["step"]}}
-    run["summary"]["monitors"]["test_spread"] = {"model": {"spread_max": 0.75},
-                                                 "layers": {L0: {"spread": 0.75, "flag": True}}}
+    run["summary"]["monitors"]["test_spread"] = {
+        "model": {"spread_max": 0.75},
+        "layers": {L0: {"spread": 0.75, "flag": True}},
+    }
     run["events"] = [{"step": 1, "layer": L0, "kind": "spread_ended", "detail": "a"}] + [
-        {"step": s, "layer": L1, "kind": "spread_started", "detail": "b"} for s in range(2, 22)]
+        {"step": s, "layer": L1, "kind": "spread_started", "detail": "b"} for s in range(2, 22)
+    ]
     base.register_monitor("test_spread", Spread)
     try:
         health = routing_health(run)

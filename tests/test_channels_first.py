@@ -22,7 +22,11 @@ class ConvMlp(nn.Module):
 
     def __init__(self, groups: int = 1) -> None:
         super().__init__()
-        self.conv1, self.act, self.conv2 = nn.Conv2d(C, I, 1, groups=groups), nn.GELU(), nn.Conv2d(I, C, 1, groups=groups)
+        self.conv1, self.act, self.conv2 = (
+            nn.Conv2d(C, I, 1, groups=groups),
+            nn.GELU(),
+            nn.Conv2d(I, C, 1, groups=groups),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.act(self.conv1(x)))

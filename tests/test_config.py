@@ -145,7 +145,9 @@ def test_unknown_key_refused() -> None:
 
 def test_newer_version_refused() -> None:
     data = MoeifyConfig().to_dict() | {"version": CONFIG_VERSION + 1}
-    with pytest.raises(ValueError, match=rf"version {CONFIG_VERSION + 1}, written by a newer moeify.*pip install -U moeify"):
+    with pytest.raises(
+        ValueError, match=rf"version {CONFIG_VERSION + 1}, written by a newer moeify.*pip install -U moeify"
+    ):
         MoeifyConfig.from_json(json.dumps(data))
 
 

@@ -189,7 +189,12 @@ def test_functional_activations_pack(make, kind: str, gate_first: bool) -> None:
     torch.manual_seed(0)
     model = Blocks(PreNorm(make()), PreNorm(make()))
     [site, _] = find_ffns(model).sites
-    assert (site.name, site.source, site.install_path, site.layout.kind) == ("blocks.0.mlp", "dataflow", "blocks.0.mlp", kind)
+    assert (site.name, site.source, site.install_path, site.layout.kind) == (
+        "blocks.0.mlp",
+        "dataflow",
+        "blocks.0.mlp",
+        kind,
+    )
     assert site.layout.gate_first is gate_first
     converted_exactly(model)
     experts = only_layer(model).experts
@@ -215,7 +220,9 @@ def test_a_dropout_before_the_activation_drops_in_training_only() -> None:
     h = torch.randn(64, I)
     assert torch.equal(act.eval()(h), torch.relu(h))
     dropped = act.train()(h)
-    assert 0.3 < float((dropped == 0).float().mean()) < 0.8 and torch.allclose(dropped[dropped != 0], 2 * torch.relu(h)[dropped != 0])
+    assert 0.3 < float((dropped == 0).float().mean()) < 0.8 and torch.allclose(
+        dropped[dropped != 0], 2 * torch.relu(h)[dropped != 0]
+    )
 
 
 def test_the_recorded_activation_reads_like_code() -> None:
@@ -482,7 +489,11 @@ def test_a_class_named_like_a_registered_one_is_not_taken_for_it() -> None:
     class FeedForward(nn.Module):  # the name is the point
         def __init__(self) -> None:
             super().__init__()
-            self.w1, self.w2, self.w3 = nn.Linear(D, I, bias=False), nn.Linear(I, D, bias=False), nn.Linear(D, I, bias=False)
+            self.w1, self.w2, self.w3 = (
+                nn.Linear(D, I, bias=False),
+                nn.Linear(I, D, bias=False),
+                nn.Linear(D, I, bias=False),
+            )
 
         def forward(self, x: Tensor) -> Tensor:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -213,7 +213,7 @@ def test_conversion_preserves_output(name: str, router: str) -> None:
     }
     # Only this forward was counted (not the conversion's checks): each token went to top_k experts.
     for layer_name, layer in layers:
-        (x_TD, _, _), = records[layer_name]
+        ((x_TD, _, _),) = records[layer_name]
         assert int(layer.tokens_per_expert.sum()) == x_TD.shape[0] * layer.top_k
 
 

@@ -59,7 +59,9 @@ def torchrun(script: str, out: Path, world: int = 2) -> list[dict]:
 
 def accelerate_launch(*args: str, cpu: bool = True, check: bool = True) -> subprocess.CompletedProcess:
     config = ROOT / "integrations" / "accelerate" / "cpu_2proc.yaml"
-    return launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args], cpu=cpu, check=check)
+    return launch(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *args], cpu=cpu, check=check
+    )
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,10 @@ def test_target_modules_matching_nothing() -> None:
     with pytest.raises(ConversionError) as error:
         moeify.moeify(model, target_modules=["feed_forward"])
     message = str(error.value)
-    assert "found 2 FFN(s) in LlamaForCausalLM, but target_modules / exclude_modules / layers leave every one dense" in message
+    assert (
+        "found 2 FFN(s) in LlamaForCausalLM, but target_modules / exclude_modules / layers leave every one dense"
+        in message
+    )
     assert "model.layers.0.mlp [LlamaMLP]: not selected by target_modules" in message
     assert "LlamaMLP" in message.split("Module classes seen:")[1]  # the class to name instead
     assert_untouched(model, before)
@@ -344,7 +347,10 @@ def test_the_wrong_object_as_config_is_a_clear_type_error(config) -> None:
 def test_layers_naming_a_block_without_an_ffn_is_refused() -> None:
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ConversionError, match=r"layers=\[0, 7\] names block\(s\) \[7\] where moeify found no FFN; the blocks with FFNs are \[0, 1\]"):
+    with pytest.raises(
+        ConversionError,
+        match=r"layers=\[0, 7\] names block\(s\) \[7\] where moeify found no FFN; the blocks with FFNs are \[0, 1\]",
+    ):
         moeify.moeify(model, layers=[0, 7])
     assert_untouched(model, before)
 
@@ -357,7 +363,6 @@ def test_example_inputs_that_do_not_run_the_dense_model_are_refused() -> None:
     assert_untouched(model, before)
 
 
-
 def _bad_calls(tmp_path):
     from moeify.monitors import attach_monitors
 
@@ -367,7 +372,11 @@ def _bad_calls(tmp_path):
         (lambda: attach_monitors(converted, sinks=[3]), TypeError, "sinks must be a list of sinks"),
         (lambda: attach_monitors(5), TypeError, "attach_monitors watches an nn.Module"),
         (lambda: moeify.aux_loss(5), TypeError, "aux_loss reads a model converted by moeify"),
-        (lambda: moeify.save_pretrained(converted, 5), TypeError, "moeify.save_pretrained: the directory must be a path"),
+        (
+            lambda: moeify.save_pretrained(converted, 5),
+            TypeError,
+            "moeify.save_pretrained: the directory must be a path",
+        ),
         (lambda: moeify.from_pretrained(None), TypeError, "moeify.from_pretrained: the directory must be a path"),
         (lambda: moeify.from_pretrained(tmp_path, device="bogus"), ValueError, "device='bogus' is not a torch device"),
         (lambda: moeify.export(converted, tmp_path / "e", "mixtral", tolerance=-1), ValueError, "tolerance a positive"),

@@ -59,9 +59,7 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess:
         "PYTHONUNBUFFERED": "1",
     }
     command = [sys.executable, str(EXAMPLES / script), *(str(out / "out") if a == OUT else a for a in args)]
-    return subprocess.run(
-        command, cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-    )
+    return subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -97,4 +95,6 @@ def test_example_runs(script, runs):
     result = runs[script].result()
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"examples/{script} exited with {result.returncode}:\n{output[-4000:]}"
-    assert re.search(QUICK[script][1], output), f"examples/{script}: no line matching {QUICK[script][1]!r}:\n{output[-4000:]}"
+    assert re.search(QUICK[script][1], output), (
+        f"examples/{script}: no line matching {QUICK[script][1]!r}:\n{output[-4000:]}"
+    )

@@ -303,7 +303,10 @@ def test_bloom_mlp_adds_its_residual_and_converts() -> None:
         AutoConfig.for_model("bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=100)
     ).eval()
     report = find_ffns(model)
-    assert [(s.name, s.source) for s in report] == [("transformer.h.0.mlp", "dataflow"), ("transformer.h.1.mlp", "dataflow")]
+    assert [(s.name, s.source) for s in report] == [
+        ("transformer.h.0.mlp", "dataflow"),
+        ("transformer.h.1.mlp", "dataflow"),
+    ]
     assert report.sites[0].layout.residual == (1, "residual")
     assert report.sites[0].layer_path == "transformer.h.0.mlp.moe"
     ids = tokens()

@@ -39,7 +39,9 @@ IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 def tiny_llama(**recipe) -> torch.nn.Module:
     config = llama_config(head_dim=8, max_position_embeddings=64)
     torch.manual_seed(0)
-    return moeify.moeify(AutoModelForCausalLM.from_config(config), **{"num_experts": 4, "top_k": 2, "seed": 1, **recipe})
+    return moeify.moeify(
+        AutoModelForCausalLM.from_config(config), **{"num_experts": 4, "top_k": 2, "seed": 1, **recipe}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def check_markdown(text: str, files: set[str]) -> None:
@@ -112,7 +117,7 @@ def test_push_one_commit_then_pull_bit_identical(trained, hub: HubServer) -> Non
     assert health["events"]["low_ecology"] == 1
     assert set(IMAGE.findall(text)) == PLOTS
     check_markdown(text, files)
-    assert '`model.layers.1.mlp` |' in text and "low_ecology" in text
+    assert "`model.layers.1.mlp` |" in text and "low_ecology" in text
     assert (stored / "diagnostics/history.jsonl").read_bytes() == (run_dir / "history.jsonl").read_bytes()
     assert snapshot(run_dir) == before  # the run directory was only read
 
@@ -133,8 +138,9 @@ def test_push_from_runner_private_and_again(trained, hub: HubServer) -> None:
     assert [c["summary"] for c in hub.commits("bob/runner-moe")][1:] == ["Upload moeify MoE model (12 files)", "again"]
 
 
-def test_commit_500_publishes_nothing_and_keeps_local_files(trained, hub: HubServer, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_500_publishes_nothing_and_keeps_local_files(
+    trained, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, _, run_dir = trained
     before_run, before_state = snapshot(run_dir), {k: v.clone() for k, v in model.state_dict().items()}
     staging = tmp_path / "tmp"
@@ -183,8 +189,11 @@ def test_card_without_diagnostics(hub: HubServer) -> None:
     layer = moeify.moe_layers(model)[0][1]
     expert = sum(p.numel() for p in layer.experts.parameters()) // 4
     total = sum(p.numel() for p in model.parameters())
-    assert parameter_counts(model) == {"total": total, "active_per_token": total - 2 * expert, "dense": total - 5 * expert
-                                       - sum(p.numel() for p in layer.router.parameters())}
+    assert parameter_counts(model) == {
+        "total": total,
+        "active_per_token": total - 2 * expert,
+        "dense": total - 5 * expert - sum(p.numel() for p in layer.router.parameters()),
+    }
     assert card.data.moeify["skipped_sites"] == 1 and card.data.moeify["moe_layers"] == 1
     # The server checks what the Hub checks: a local path is no base_model.
     with pytest.raises(ValueError, match="base_model"):
@@ -227,11 +236,21 @@ def test_cli_push_with_hf_endpoint_in_a_fresh_process(trained, tmp_path: Path) -
     """HF_ENDPOINT as a user sets it (read when huggingface_hub is imported), the console path."""
     saved = moeify.save_pretrained(trained[0], tmp_path / "ckpt")
     with HubServer(tmp_path / "hub", token=TOKEN) as server:
-        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"),
-               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": server.url,
+            "HF_TOKEN": TOKEN,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+        }
         done = subprocess.run(
             [sys.executable, "-m", "moeify.cli", "push", str(saved), "frank/moe"],
-            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
         assert len(server.commits("frank/moe")) == 2
@@ -250,7 +269,19 @@ def test_example_stages_locally_then_pushes(hub: HubServer, tmp_path: Path, monk
     repo = example.main(["--out", str(tmp_path / "local"), "--steps", "3"])
     staged = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
     assert CHECKPOINT | RUN_FILES | PLOTS | {"README.md"} <= staged and not hub.repos
-    info = example.main(["--out", str(tmp_path / "pushed"), "--steps", "3", "--repo-id", "gina/moe",
-                         "--token", TOKEN, "--endpoint", hub.url])
+    info = example.main(
+        [
+            "--out",
+            str(tmp_path / "pushed"),
+            "--steps",
+            "3",
+            "--repo-id",
+            "gina/moe",
+            "--token",
+            TOKEN,
+            "--endpoint",
+            hub.url,
+        ]
+    )
     assert info.endswith(hub.commits("gina/moe")[-1]["sha"])
     assert set(hub.commits("gina/moe")[-1]["files"]) == staged | {".gitattributes"}

@@ -225,7 +225,9 @@ def test_expert_loop_matches_grouped_path(kind: str, bias: bool, case: str, monk
 @pytest.mark.parametrize("case", ROUTE_CASES)
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_expert_loop_without_autograd_matches(kind: str, bias: bool, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_expert_loop_without_autograd_matches(
+    kind: str, bias: bool, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Inference gathers, weights and adds back inside the loop: same output and counts."""
     packed, _, _ = make_pair(kind, bias)
     idx_TK, weights_TK = routes(case)
@@ -252,7 +254,9 @@ def test_expert_loop_gradcheck(kind: str) -> None:
     idx_TK, _ = routes("empty")
     _, _, expert_A, counts_E = dispatch.sort_by_expert(idx_TK[:3], E)
     x_AD = torch.randn(expert_A.shape[0], D, dtype=torch.float64, requires_grad=True)
-    tensors = [x_AD] + [p.detach().clone().requires_grad_() for p in (packed.w_in, packed.b_in, packed.w_out, packed.b_out)]
+    tensors = [x_AD] + [
+        p.detach().clone().requires_grad_() for p in (packed.w_in, packed.b_in, packed.w_out, packed.b_out)
+    ]
 
     def loop(*inputs: Tensor) -> Tensor:
         return expert_loop.run(*inputs, counts_E, packed._activation)

@@ -205,7 +205,13 @@ def check_lost_updates(runner) -> None:
 
 def check_timesteps(runner) -> None:
     buckets = runner.summary()["monitors"]["timestep_routing"]["timesteps"]
-    assert [(b["timestep"], b["count"]) for b in buckets] == [(900.0, 4), (850.0, 1), (600.0, 1), (350.0, 1), (100.0, 1)]
+    assert [(b["timestep"], b["count"]) for b in buckets] == [
+        (900.0, 4),
+        (850.0, 1),
+        (600.0, 1),
+        (350.0, 1),
+        (100.0, 1),
+    ]
 
 
 def _frozen_routers(**overrides: Any) -> nn.Module:
@@ -235,35 +241,56 @@ SCENARIOS = {
         lambda m, o: [DeadExperts(dead_after=6), Deadlock(patience=5)], 12, 6, check_dead_and_deadlock, bias=DEADLOCK
     ),
     "shared_maturity": Scenario(
-        lambda m, o: [SharedMaturity(patience=5)], 11, 4, check_maturity,
-        model=lambda: tiny_model(num_shared_experts=1), bias=DEADLOCK,
+        lambda m, o: [SharedMaturity(patience=5)],
+        11,
+        4,
+        check_maturity,
+        model=lambda: tiny_model(num_shared_experts=1),
+        bias=DEADLOCK,
     ),
     "ecology": Scenario(
-        lambda m, o: [Ecology(dead_after=6)], 8, 3, check_ecology,
-        model=lambda: tiny_model(entropy_loss_weight=0.0), bias={**DEADLOCK, "until": 99},
+        lambda m, o: [Ecology(dead_after=6)],
+        8,
+        3,
+        check_ecology,
+        model=lambda: tiny_model(entropy_loss_weight=0.0),
+        bias={**DEADLOCK, "until": 99},
     ),
     # Layer 0 one-hot (bias 10), the others flat: observed every 2 steps, the hard streak and the
     # references of the start cross a save at 2.
     "router_entropy": Scenario(
-        lambda m, o: [RouterEntropy(soft_patience=4, hard_patience=3)], 8, 2, check_entropy,
-        model=_frozen_routers, bias={"layers": (0,), "value": 10.0, "until": 99}, every_n_steps=2,
+        lambda m, o: [RouterEntropy(soft_patience=4, hard_patience=3)],
+        8,
+        2,
+        check_entropy,
+        model=_frozen_routers,
+        bias={"layers": (0,), "value": 10.0, "until": 99},
+        every_n_steps=2,
     ),
     "homogenization_patience": Scenario(
-        lambda m, o: [ExpertHomogenization(every_n_steps=1, warmup=2, patience=2)], 5, 2, check_homogeneous,
+        lambda m, o: [ExpertHomogenization(every_n_steps=1, warmup=2, patience=2)],
+        5,
+        2,
+        check_homogeneous,
         model=_frozen_experts,
     ),
     # Trained experts read every 3 steps (1, 4, 7): saved at 2, the reference and the stride survive.
-    "homogenization_drift": Scenario(
-        lambda m, o: [ExpertHomogenization(every_n_steps=3)], 7, 2, check_drift, lr=1e-2
-    ),
+    "homogenization_drift": Scenario(lambda m, o: [ExpertHomogenization(every_n_steps=3)], 7, 2, check_drift, lr=1e-2),
     "imbalance_early_warning": Scenario(
         lambda m, o: [ImbalanceEarlyWarning(window=3, warmup=1, patience=1, variance_ratio=1.01, ac1_rise=0.0)],
-        8, 4, check_early_warning, lr=1e-2,
+        8,
+        4,
+        check_early_warning,
+        lr=1e-2,
     ),
     "expert_load": Scenario(lambda m, o: [ExpertLoad()], 5, 2, check_load, bias={**DEADLOCK, "until": 2}),
     "lost_updates": Scenario(
-        lambda m, o: [LostUpdates(o, model=m, sample_size=256)], 4, 2, check_lost_updates,
-        model=lambda: tiny_model().to(torch.bfloat16), lr=1e-5,
+        lambda m, o: [LostUpdates(o, model=m, sample_size=256)],
+        4,
+        2,
+        check_lost_updates,
+        model=lambda: tiny_model().to(torch.bfloat16),
+        lr=1e-5,
     ),
     "timestep_routing": Scenario(
         lambda m, o: [TimestepRouting(num_buckets=20)], 4, 2, check_timesteps, model=toy_model, loss=toy_loss

@@ -34,7 +34,12 @@ from moeify.monitors.base import DEFAULT_MONITORS
 from moeify.monitors.homogenization import distances, expert_weights, fingerprint, group_size, sample_indices
 
 BUILT_IN = (
-    "router_entropy", "expert_homogenization", "dead_experts", "deadlock", "shared_maturity", "ecology",
+    "router_entropy",
+    "expert_homogenization",
+    "dead_experts",
+    "deadlock",
+    "shared_maturity",
+    "ecology",
     "imbalance_early_warning",
 )
 EVENT_KEYS = {"step", "monitor", "layer", "kind", "detail"}
@@ -50,8 +55,18 @@ def stats_for(
     total = float(sum(counts))
     probs = tuple(c / total for c in counts) if total else tuple(0.0 for _ in counts)
     return LayerStats(
-        name, depth, len(counts), top_k, total / top_k, tuple(float(c) for c in counts), probs,
-        entropy, max_prob, margin, routed, shared,
+        name,
+        depth,
+        len(counts),
+        top_k,
+        total / top_k,
+        tuple(float(c) for c in counts),
+        probs,
+        entropy,
+        max_prob,
+        margin,
+        routed,
+        shared,
     )
 
 
@@ -126,8 +141,10 @@ def test_deadlock_restarts_when_the_dominant_expert_changes_and_skips_k_ge_e():
 def _profile(deadlocked_depths, num_layers, steps=10):
     deadlock = Deadlock(tau=0.9, patience=1)
     windows = [
-        [stats_for([100, 0, 0, 0] if d in deadlocked_depths else [25, 25, 25, 25], name=f"l{d}", depth=d)
-         for d in range(num_layers)]
+        [
+            stats_for([100, 0, 0, 0] if d in deadlocked_depths else [25, 25, 25, 25], name=f"l{d}", depth=d)
+            for d in range(num_layers)
+        ]
     ] * steps
     drive(deadlock, windows)
     return deadlock.summary()["model"]["depth_profile"]
@@ -321,7 +338,9 @@ def test_biased_routers_deadlock_outer_layers_then_recover():
     bias_E = torch.tensor([3.0, 0.0, 0.0, 0.0])  # p(expert 0) ~ 0.87: every token's top-1, not one-hot
     hooks = [layers[i][1].router.register_forward_hook(lambda m, i, out: out + bias_E) for i in (0, 3)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    runner = attach_monitors(model, quiet_defaults(dead_experts=DeadExperts(dead_after=6), deadlock=Deadlock(patience=5)))
+    runner = attach_monitors(
+        model, quiet_defaults(dead_experts=DeadExperts(dead_after=6), deadlock=Deadlock(patience=5))
+    )
     runner.attach_optimizer(optimizer)
     generator = torch.Generator().manual_seed(0)
     train(model, optimizer, 8, generator)

@@ -61,19 +61,33 @@ def t5_tokenizer() -> T5Tokenizer:
 
 def clip_tokenizer() -> CLIPTokenizer:
     """A real CLIP (BPE) tokenizer with no merges: letters, and word-final letters."""
-    pieces = ["<|startoftext|>", "<|endoftext|>"] + list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    pieces = (
+        ["<|startoftext|>", "<|endoftext|>"]
+        + list(string.ascii_lowercase)
+        + [c + "</w>" for c in string.ascii_lowercase]
+    )
     return CLIPTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], model_max_length=TEXT_LEN)
 
 
 def t5_encoder(width: int = 16) -> T5EncoderModel:
-    config = T5Config(vocab_size=56, d_model=width, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=56, d_model=width, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
     return _seeded(lambda: T5EncoderModel(config))
 
 
 def clip_encoder(width: int, projection: bool) -> nn.Module:
     config = CLIPTextConfig(
-        vocab_size=54, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=TEXT_LEN, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=54,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_LEN,
+        projection_dim=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return _seeded(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(config))
 
@@ -82,15 +96,24 @@ def vae(**extra) -> diffusers.AutoencoderKL:
     """Latents of 4 channels at half the image side (vae_scale_factor 2)."""
     return _seeded(
         lambda: diffusers.AutoencoderKL(
-            block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **extra,
+            block_out_channels=(8, 8),
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=16,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            **extra,
         )
     )
 
 
 def pixart() -> diffusers.PixArtAlphaPipeline:
     return diffusers.PixArtAlphaPipeline(
-        tokenizer=t5_tokenizer(), text_encoder=t5_encoder(), vae=vae(), transformer=td.pixart()[0],
+        tokenizer=t5_tokenizer(),
+        text_encoder=t5_encoder(),
+        vae=vae(),
+        transformer=td.pixart()[0],
         scheduler=diffusers.DPMSolverMultistepScheduler(),
     )
 
@@ -98,17 +121,28 @@ def pixart() -> diffusers.PixArtAlphaPipeline:
 def sd3() -> diffusers.StableDiffusion3Pipeline:
     # Two CLIP widths of 8 concatenate to the transformer's joint_attention_dim 16 (= T5's width).
     return diffusers.StableDiffusion3Pipeline(
-        transformer=td.sd3()[0], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae(shift_factor=0.0),
-        text_encoder=clip_encoder(8, True), tokenizer=clip_tokenizer(),
-        text_encoder_2=clip_encoder(8, True), tokenizer_2=clip_tokenizer(),
-        text_encoder_3=t5_encoder(), tokenizer_3=t5_tokenizer(),
+        transformer=td.sd3()[0],
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=vae(shift_factor=0.0),
+        text_encoder=clip_encoder(8, True),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(8, True),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_encoder(),
+        tokenizer_3=t5_tokenizer(),
     )
 
 
 def stable_diffusion() -> diffusers.StableDiffusionPipeline:
     return diffusers.StableDiffusionPipeline(
-        vae=vae(), text_encoder=clip_encoder(16, False), tokenizer=clip_tokenizer(), unet=td.unet()[0],
-        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae(),
+        text_encoder=clip_encoder(16, False),
+        tokenizer=clip_tokenizer(),
+        unet=td.unet()[0],
+        scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -136,7 +170,9 @@ def _sd_expected(pipe, prompt):
 
 
 SPECS = {
-    "pixart": Spec(pixart, dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=TEXT_LEN), _pixart_expected),
+    "pixart": Spec(
+        pixart, dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=TEXT_LEN), _pixart_expected
+    ),
     "sd3": Spec(sd3, dict(max_sequence_length=TEXT_LEN), _sd3_expected),
     "stable_diffusion": Spec(stable_diffusion, {}, _sd_expected),
 }
@@ -150,8 +186,13 @@ def build(name: str) -> diffusers.DiffusionPipeline:
 
 def run(name: str, pipe, prompt: str = PROMPT, steps: int = 2, output_type: str = "pt") -> Tensor:
     out = pipe(
-        prompt, num_inference_steps=steps, height=16, width=16, output_type=output_type,
-        generator=torch.Generator().manual_seed(0), **SPECS[name].call,
+        prompt,
+        num_inference_steps=steps,
+        height=16,
+        width=16,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+        **SPECS[name].call,
     )
     return out.images
 
@@ -408,7 +449,11 @@ def test_positional_timesteps_and_tokens_that_do_not_split():
         toy(torch.randn(2, 5, 8), torch.tensor([100, 600]))  # positional timestep, per sample
         toy(torch.randn(2, 5, 8), torch.tensor(999))  # one timestep for every token
         entries = diag.read()
-        assert [(e.timestep, e.count, e.layers[0].tokens) for e in entries] == [(999.0, 1, 10.0), (600.0, 1, 5.0), (100.0, 1, 5.0)]
+        assert [(e.timestep, e.count, e.layers[0].tokens) for e in entries] == [
+            (999.0, 1, 10.0),
+            (600.0, 1, 5.0),
+            (100.0, 1, 5.0),
+        ]
         toy(torch.randn(2, 5, 8), torch.rand(2, 5) * 1000)  # one timestep per token
         assert sum(e.layers[0].tokens for e in diag.read()) == 10.0
         toy.ff(torch.randn(2, 5, 8))  # the MoE layer run outside the model's forward: not counted

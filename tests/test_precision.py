@@ -504,4 +504,3 @@ def test_guard_bf16_with_nothing_to_guard_warns_and_keeps_the_optimizer(method: 
     before = w.detach().clone()
     optimizer.step()  # not retired: it still steps
     assert torch.allclose(w.detach(), before - 0.1)
-

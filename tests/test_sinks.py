@@ -41,7 +41,11 @@ def test_jsonl_run_directory_round_trips(tmp_path):
     run = read_run(tmp_path / "run")
     assert [r["step"] for r in run["history"]] == [1, 2, 3]
     assert run["summary"] == json.loads(json.dumps(summary))
-    shares = [v for k, v in run["history"][-1]["monitors"]["expert_load"]["model.layers.0.mlp"].items() if k.startswith("share_")]
+    shares = [
+        v
+        for k, v in run["history"][-1]["monitors"]["expert_load"]["model.layers.0.mlp"].items()
+        if k.startswith("share_")
+    ]
     assert sum(shares) == pytest.approx(1.0)
 
 
@@ -122,8 +126,15 @@ def test_trainer_callback_steps_runner_once_per_optimizer_step(tmp_path):
     runner = attach_monitors(model)
     reporter = Reporter()
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[reporter])
     MoeifyCallback(runner).install(trainer)
@@ -131,7 +142,11 @@ def test_trainer_callback_steps_runner_once_per_optimizer_step(tmp_path):
     assert runner.steps == 2  # optimizer steps, not micro-batches
     assert [r["step"] for r in runner.history] == [1, 2]
     # 2 micro-batches x 2 samples x 10 tokens x top-2 assignments per optimizer step.
-    counts = [v for k, v in runner.history[0]["monitors"]["expert_load"]["model.layers.0.mlp"].items() if k.startswith("share_")]
+    counts = [
+        v
+        for k, v in runner.history[0]["monitors"]["expert_load"]["model.layers.0.mlp"].items()
+        if k.startswith("share_")
+    ]
     assert sum(counts) == pytest.approx(1.0)
     logged = [entry for entry in trainer.state.log_history if "moeify/load_cv_mean" in entry]
     assert logged, "routing scalars reach the Trainer's log_history"

@@ -53,9 +53,19 @@ def test_plain_trainer_with_accumulation_and_padding(tmp_path, aux_loss_in_outpu
     model, start = routers_only(aux_loss_in_output)
     dataset = [tokenizer(text(length, seed)) for seed, length in enumerate(LENGTHS)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=1e-2, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-        seed=0, data_seed=0, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
@@ -86,9 +96,20 @@ def test_trl_sft_trainer_trains_the_routers(tmp_path) -> None:
     model, start = routers_only(True)
     dataset = Dataset.from_dict({"text": [text(length, seed) for seed, length in enumerate(LENGTHS)]})
     args = SFTConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=1e-2, weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-        max_length=16, packing=False, seed=0, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=16,
+        packing=False,
+        seed=0,
+        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, compute_loss_func=sft_loss(model)
@@ -110,8 +131,14 @@ def test_trl_without_the_loss_function_is_told(tmp_path) -> None:
     model, _ = routers_only(True)
     dataset = Dataset.from_dict({"text": [text(length, seed) for seed, length in enumerate(LENGTHS)]})
     args = SFTConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[], use_cpu=True,
-        save_strategy="no", max_length=16, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        max_length=16,
+        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer())
     with pytest.warns(UserWarning, match=r"compute_loss_func=moeify.integrations.trl.sft_loss\(model\)"):

@@ -26,8 +26,13 @@ LENGTHS = (8, 5, 3)
 def tiny_bert() -> nn.Module:
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "bert", hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=64,
+        "bert",
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
     )
     return AutoModel.from_config(config).eval()
 
@@ -84,7 +89,14 @@ def test_padding_is_not_counted_nor_balanced(build) -> None:
 def test_padding_of_the_decoder_is_read_from_decoder_attention_mask() -> None:
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "t5", d_model=HIDDEN, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=4, vocab_size=VOCAB,
+        "t5",
+        d_model=HIDDEN,
+        d_ff=64,
+        d_kv=8,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        vocab_size=VOCAB,
         decoder_start_token_id=0,
     )
     model = moeify.moeify(AutoModel.from_config(config).eval(), num_experts=4, top_k=1)
@@ -120,7 +132,9 @@ def test_a_decoding_step_with_a_cache_counts_its_tokens() -> None:
     model = moeify.moeify(tiny_llama(), num_experts=4, top_k=2)
     ids = tokens(batch=2, seq=5)
     mask = torch.ones_like(ids)
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
+    )
     assert all(int(layer.tokens_per_expert.sum()) == (10 + 2 + 2) * 2 for _, layer in moe_layers(model))
 
 

@@ -42,8 +42,15 @@ def _steps() -> Tensor:
 def dit() -> Built:
     model = _seeded(
         lambda: diffusers.DiTTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+            norm_num_groups=1,
         )
     )
     labels = torch.tensor([1, 2])
@@ -53,8 +60,15 @@ def dit() -> Built:
 def pixart() -> Built:
     model = _seeded(
         lambda: diffusers.PixArtTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-            sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=16,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            cross_attention_dim=16,
+            caption_channels=16,
         )
     )
     return model, dict(
@@ -68,8 +82,16 @@ def pixart() -> Built:
 def sd3() -> Built:
     model = _seeded(
         lambda: diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=16,
+            out_channels=4,
         )
     )
     return model, dict(
@@ -83,8 +105,15 @@ def sd3() -> Built:
 def flux() -> Built:
     model = _seeded(
         lambda: diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[2, 2, 4],
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            axes_dims_rope=[2, 2, 4],
         )
     )
     # Packed latents [B, H*W, C] of a 4x4 image; position ids (t, h, w) per image and text token.
@@ -103,8 +132,17 @@ def flux() -> Built:
 def cogvideox() -> Built:
     model = _seeded(
         lambda: diffusers.CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-            sample_width=8, sample_height=8, sample_frames=9, patch_size=2, text_embed_dim=16, time_embed_dim=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            sample_width=8,
+            sample_height=8,
+            sample_frames=9,
+            patch_size=2,
+            text_embed_dim=16,
+            time_embed_dim=4,
             max_text_seq_length=8,
         )
     )
@@ -116,8 +154,16 @@ def cogvideox() -> Built:
 def wan() -> Built:
     model = _seeded(
         lambda: diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            rope_max_seq_len=32,
         )
     )
     # Video latents [B, C, frames, H, W].
@@ -127,8 +173,15 @@ def wan() -> Built:
 def ltx() -> Built:
     model = _seeded(
         lambda: diffusers.LTXVideoTransformer3DModel(
-            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
-            cross_attention_dim=16, num_layers=2, caption_channels=16,
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            caption_channels=16,
         )
     )
     # Packed video latents [B, frames*H*W, C] of 2 frames of 4x4.
@@ -146,9 +199,18 @@ def ltx() -> Built:
 def hunyuan_video() -> Built:
     model = _seeded(
         lambda: diffusers.HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
-            pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 4, 4),
         )
     )
     # guidance_embeds defaults to True, so the guidance scale (x1000, as the pipeline passes it) is required.
@@ -165,10 +227,16 @@ def hunyuan_video() -> Built:
 def unet() -> Built:
     model = _seeded(
         lambda: diffusers.UNet2DConditionModel(
-            block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=4,
         )
     )
     return model, dict(sample=randn(BATCH, 4, 8, 8, seed=0), encoder_hidden_states=text(), timestep=_steps())
@@ -177,9 +245,17 @@ def unet() -> Built:
 def sana() -> Built:
     model = _seeded(
         lambda: diffusers.SanaTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-            sample_size=8, patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=1,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=8,
+            cross_attention_dim=16,
+            caption_channels=16,
+            sample_size=8,
+            patch_size=1,
         )
     )
     return model, dict(hidden_states=randn(BATCH, 4, 8, 8, seed=0), encoder_hidden_states=text(), timestep=_steps())
@@ -189,8 +265,15 @@ def mochi() -> Built:
     """Not in the lead's list: the one tiny model here whose FeedForward is SwiGLU."""
     model = _seeded(
         lambda: diffusers.MochiTransformer3DModel(
-            patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-            in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8,
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            pooled_projection_dim=16,
+            in_channels=4,
+            text_embed_dim=16,
+            time_embed_dim=4,
+            max_sequence_length=8,
         )
     )
     return model, dict(

@@ -193,7 +193,9 @@ def read_weights(site: nn.Module, layout: FFNLayout) -> FFNWeights:
     if layout.kind == "gated":
         w_gate, b_gate = projection(get(site, layout.proj_gate))
         if w_gate.value().shape != w_in.value().shape or (b_gate is None) != (b_in is None):
-            raise ValueError(f"gate {tuple(w_gate.value().shape)} and up {tuple(w_in.value().shape)} projections differ")
+            raise ValueError(
+                f"gate {tuple(w_gate.value().shape)} and up {tuple(w_in.value().shape)} projections differ"
+            )
         w_in_pieces = [w_gate, w_in]
         b_in_pieces = None if b_in is None else [b_gate, b_in]
     elif layout.kind == "fused_gated" and not layout.gate_first:

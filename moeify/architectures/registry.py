@@ -111,11 +111,7 @@ def required_positional_args(module: nn.Module) -> list[str]:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
         return ["<unknown>"]
-    return [
-        p.name
-        for p in params
-        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def looks_like_moe(module: nn.Module) -> bool:

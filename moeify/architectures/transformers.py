@@ -15,7 +15,6 @@ FC_STYLE = FFNLayout("mlp", proj_in="fc1", proj_out="fc2", act="activation_fn")
 NEOX_STYLE = FFNLayout("mlp", proj_in="dense_h_to_4h", proj_out="dense_4h_to_h", act="act")
 
 
-
 def _qualified(model: str, name: str) -> str:
     return f"transformers.models.{model}.modeling_{model}.{name}"
 
@@ -36,21 +35,40 @@ TRANSFORMERS_FFNS: dict[str, FFNLayout] = {
         ),
         LLAMA_STYLE,
     ),
-    **dict.fromkeys((_qualified("phi", "PhiMLP"), _qualified("vit", "ViTMLP"), _qualified("clip", "CLIPMLP"), _qualified("siglip", "SiglipMLP")), FC_STYLE),
+    **dict.fromkeys(
+        (
+            _qualified("phi", "PhiMLP"),
+            _qualified("vit", "ViTMLP"),
+            _qualified("clip", "CLIPMLP"),
+            _qualified("siglip", "SiglipMLP"),
+        ),
+        FC_STYLE,
+    ),
     # Phi-3 fuses gate and up in one projection, gate first.
-    _qualified("phi3", "Phi3MLP"): FFNLayout("fused_gated", proj_in="gate_up_proj", proj_out="down_proj", act="activation_fn"),
+    _qualified("phi3", "Phi3MLP"): FFNLayout(
+        "fused_gated", proj_in="gate_up_proj", proj_out="down_proj", act="activation_fn"
+    ),
     # GPT-2's projections are Conv1D ([in, out] weights); dropout after c_proj.
-    _qualified("gpt2", "GPT2MLP"): FFNLayout("mlp", proj_in="c_fc", proj_out="c_proj", act="act", out_dropout="dropout"),
+    _qualified("gpt2", "GPT2MLP"): FFNLayout(
+        "mlp", proj_in="c_fc", proj_out="c_proj", act="act", out_dropout="dropout"
+    ),
     _qualified("gpt_neox", "GPTNeoXMLP"): NEOX_STYLE,
     _qualified("falcon", "FalconMLP"): NEOX_STYLE,
-    _qualified("t5", "T5DenseActDense"): FFNLayout("mlp", proj_in="wi", proj_out="wo", act="act", mid_dropout="dropout"),
+    _qualified("t5", "T5DenseActDense"): FFNLayout(
+        "mlp", proj_in="wi", proj_out="wo", act="act", mid_dropout="dropout"
+    ),
     _qualified("t5", "T5DenseGatedActDense"): FFNLayout(
         "gated", proj_gate="wi_0", proj_in="wi_1", proj_out="wo", act="act", mid_dropout="dropout"
     ),
     # Split FFNs. BERT: `intermediate` (dense + act) then `output.dense`; output's dropout, residual
     # and LayerNorm stay where they are, applied to the MoE output.
     **dict.fromkeys(
-        (_qualified("bert", "BertLayer"), _qualified("roberta", "RobertaLayer"), _qualified("electra", "ElectraLayer"), _qualified("xlm_roberta", "XLMRobertaLayer")),
+        (
+            _qualified("bert", "BertLayer"),
+            _qualified("roberta", "RobertaLayer"),
+            _qualified("electra", "ElectraLayer"),
+            _qualified("xlm_roberta", "XLMRobertaLayer"),
+        ),
         FFNLayout(
             "mlp",
             proj_in="intermediate.dense",

@@ -111,14 +111,16 @@ def _layer_rows(model: nn.Module) -> list[dict[str, Any]]:
         site = sites.get(name)
         shared = layer.shared_experts.num_experts if layer.shared_experts is not None else 0
         sizes = f"{site.in_features}→{site.intermediate_size}→{site.out_features}" if site and site.in_features else ""
-        rows.append({
-            "name": name,
-            "ffn": _cell(f"{site.class_name} {sizes}".strip() if site else ""),
-            "experts": layer.num_experts,
-            "top_k": layer.top_k,
-            "shared": shared,
-            "router": type(layer.router).__name__,
-        })
+        rows.append(
+            {
+                "name": name,
+                "ffn": _cell(f"{site.class_name} {sizes}".strip() if site else ""),
+                "experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "shared": shared,
+                "router": type(layer.router).__name__,
+            }
+        )
     return rows
 
 
@@ -140,7 +142,11 @@ def conversion(model: nn.Module) -> dict[str, Any]:
     layers = _layer_rows(model)
     counts = parameter_counts(model)
     report = state.report
-    skipped = [{"name": s.name, "class_name": s.class_name, "reason": _cell(s.reason)} for s in report.skipped] if report else []
+    skipped = (
+        [{"name": s.name, "class_name": s.class_name, "reason": _cell(s.reason)} for s in report.skipped]
+        if report
+        else []
+    )
     base = {"library": library_of(model), "class_name": type(model).__name__}
     if base["library"] == "transformers":
         base["model_type"] = model.config.model_type
@@ -267,7 +273,9 @@ def routing_health(run: dict[str, Any]) -> dict[str, Any]:
     declared = card_declarations("card_columns")
     raw = [[view.metric(monitor, name, c.key, c.last_key) for monitor, c in declared] for name in view.layers]
     shown = [i for i in range(len(declared)) if any(values[i] is not None for values in raw)]
-    rows = [[name] + [_display(values[i], declared[i][1].format) for i in shown] for name, values in zip(view.layers, raw)]
+    rows = [
+        [name] + [_display(values[i], declared[i][1].format) for i in shown] for name, values in zip(view.layers, raw)
+    ]
     figures: dict[str, Any] = {"steps": view.steps, "observations": len(run["history"]), "moe_layers": len(view.layers)}
     for monitor, figure in card_declarations("card_figures"):
         if figure.path:
@@ -344,7 +352,9 @@ def model_card(
     if health is not None:
         plot_names = expected_plots(run) if plots is None else list(plots)
         captions = {file: plot.caption for file, (_, plot) in _plots().items()}
-        health["plots"] = [{"path": f"{DIAGNOSTICS}/{name}", "caption": captions.get(name, name)} for name in plot_names]
+        health["plots"] = [
+            {"path": f"{DIAGNOSTICS}/{name}", "caption": captions.get(name, name)} for name in plot_names
+        ]
     base = hub_base_model(model, base_model)
     block = {
         "version": info["moeify_version"],

@@ -181,7 +181,9 @@ def reapply(model: nn.Module, record: dict[str, Any]) -> list[MoeifyConfig]:
         try:
             routing_control(model).load_state_dict(record["routing"])
         except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{MOEIFY_CONFIG}: its routing settings cannot be read ({type(error).__name__}: {error})") from None
+            raise CheckpointError(
+                f"{MOEIFY_CONFIG}: its routing settings cannot be read ({type(error).__name__}: {error})"
+            ) from None
     name = (record.get("base") or {}).get("name_or_path")
     config = getattr(model, "config", None)
     if name and config is not None and hasattr(config, "_name_or_path"):

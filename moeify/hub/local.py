@@ -25,7 +25,9 @@ def detect(path: Path) -> tuple[str, str | None]:
     if (path / MOEIFY_CONFIG).is_file():
         return "moeify", None
     if (path / "model_index.json").is_file():
-        raise CheckpointError(f"{path} is a diffusers pipeline: give one of its model folders, e.g. {path / 'transformer'}")
+        raise CheckpointError(
+            f"{path} is a diffusers pipeline: give one of its model folders, e.g. {path / 'transformer'}"
+        )
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json: not a transformers or diffusers model directory")

@@ -44,12 +44,13 @@ def _layers(history: list[dict[str, Any]], monitor: str) -> list[str]:
 def _shares(record: dict[str, Any], monitor: str, layer: str, prefix: str) -> list[float]:
     """The `prefix`<e> metrics of a layer, by expert e."""
     metrics = record.get("monitors", {}).get(monitor, {}).get(layer, {})
-    keys = [k for k in metrics if k.startswith(prefix) and k[len(prefix):].isdigit()]
-    return [metrics[k] for k in sorted(keys, key=lambda k: int(k[len(prefix):]))]
+    keys = [k for k in metrics if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+    return [metrics[k] for k in sorted(keys, key=lambda k: int(k[len(prefix) :]))]
 
 
-def expert_heatmap(history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str,
-                   plot: CardPlot) -> Path | None:
+def expert_heatmap(
+    history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str, plot: CardPlot
+) -> Path | None:
     layers = _layers(history, monitor)
     if not layers:
         return None
@@ -63,20 +64,29 @@ def expert_heatmap(history: list[dict[str, Any]], events: list[dict[str, Any]], 
             labels.append(f"{layer} e{e}" if e == 0 else f"e{e}")
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.12 * len(rows))))
-    image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
+    image = ax.imshow(
+        rows,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5),
+    )
     ax.set_yticks(range(len(rows)), labels, fontsize=5)
     ax.set(xlabel="step", title=plot.title)
     fig.colorbar(image, ax=ax, label="share of assignments")
     return _save(fig, plt, path)
 
 
-def lines(history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str,
-          plot: CardPlot) -> Path | None:
+def lines(
+    history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str, plot: CardPlot
+) -> Path | None:
     layers = _layers(history, monitor)
     series = {
-        layer: [(r["step"], r["monitors"][monitor][layer].get(plot.metric)) for r in history
-                if layer in r.get("monitors", {}).get(monitor, {})]
+        layer: [
+            (r["step"], r["monitors"][monitor][layer].get(plot.metric))
+            for r in history
+            if layer in r.get("monitors", {}).get(monitor, {})
+        ]
         for layer in layers
     }
     series = {k: [(s, v) for s, v in pts if isinstance(v, (int, float))] for k, pts in series.items()}
@@ -94,22 +104,35 @@ def lines(history: list[dict[str, Any]], events: list[dict[str, Any]], path: Pat
     return _save(fig, plt, path)
 
 
-def deadlock_map(history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str,
-                 plot: CardPlot) -> Path | None:
+def deadlock_map(
+    history: list[dict[str, Any]], events: list[dict[str, Any]], path: Path, monitor: str, plot: CardPlot
+) -> Path | None:
     layers = _layers(history, monitor)
     if not layers:
         return None
     plt = _pyplot()
     top_k = {layer: _top_k(history, monitor, layer) for layer in layers}
-    grid = [[min(1.0, top_k[layer] * max(_shares(r, monitor, layer, plot.metric) or [0.0])) for r in history]
-            for layer in layers]
+    grid = [
+        [min(1.0, top_k[layer] * max(_shares(r, monitor, layer, plot.metric) or [0.0])) for r in history]
+        for layer in layers
+    ]
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(layers))))
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1,
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    image = ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma",
+        vmin=0,
+        vmax=1,
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5),
+    )
     depth = {layer: i for i, layer in enumerate(layers)}
-    marks = [(e["step"], depth[e["layer"]]) for e in events if plot.marks and e.get("kind") == plot.marks
-             and e.get("layer") in depth]
+    marks = [
+        (e["step"], depth[e["layer"]])
+        for e in events
+        if plot.marks and e.get("kind") == plot.marks and e.get("layer") in depth
+    ]
     if marks:
         ax.scatter([s for s, _ in marks], [d for _, d in marks], marker="x", color="cyan", s=20, label=plot.marks)
         ax.legend(fontsize=6, loc="upper right")

@@ -70,7 +70,11 @@ def write_plots(run: dict[str, Any], directory: Path) -> list[str]:
 
 
 def write_card(
-    model: nn.Module, run_dir: str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
+    model: nn.Module,
+    run_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    base_model: str | None = None,
     repo_id: str | None = None,
 ) -> list[str]:
     """The card of `model` with the run of `run_dir` at `output`, and beside it diagnostics/ with
@@ -178,7 +182,13 @@ def push_to_hub(
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="moeify-push-") as tmp:
         files = stage_folder(
-            model, tmp, monitors=monitors, base_model=base_model, repo_id=repo_id, tokenizer=tokenizer, processor=processor
+            model,
+            tmp,
+            monitors=monitors,
+            base_model=base_model,
+            repo_id=repo_id,
+            tokenizer=tokenizer,
+            processor=processor,
         )
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)

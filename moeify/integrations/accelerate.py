@@ -123,7 +123,9 @@ def expert_parallel(accelerator: accelerate.Accelerator, model: nn.Module, ep_si
 
     where = "moeify.integrations.accelerate.expert_parallel"
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 2:
-        raise ValueError(f"{where}: ep_size must be an int >= 2 (the processes to spread the experts over), got {ep_size!r}")
+        raise ValueError(
+            f"{where}: ep_size must be an int >= 2 (the processes to spread the experts over), got {ep_size!r}"
+        )
     if ep_size != accelerator.num_processes:
         raise ValueError(
             f"{where}: ep_size={ep_size} with {accelerator.num_processes} processes; moeify spreads the experts over "

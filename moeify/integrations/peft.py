@@ -241,7 +241,9 @@ def adapted_expert_weights(experts: nn.Module) -> list[Tensor | list[Tensor]]:
         deltas[experts.parameter_name] = _with_deltas(experts, param) - param.detach()
         experts = experts.base_layer
     if isinstance(experts, PackedExperts):
-        params = [(n, getattr(experts, n)) for n in ("w_in", "b_in", "w_out", "b_out") if getattr(experts, n) is not None]
+        params = [
+            (n, getattr(experts, n)) for n in ("w_in", "b_in", "w_out", "b_out") if getattr(experts, n) is not None
+        ]
         return [(p.detach() + deltas.get(n, 0)).reshape(experts.num_experts, -1) for n, p in params]
     if isinstance(experts, ModuleExperts):
         per_expert = [[t.reshape(-1) for t in _effective_parameters(e)] for e in experts.experts]

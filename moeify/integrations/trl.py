@@ -42,7 +42,9 @@ def sft_loss(model: nn.Module) -> Callable[..., Tensor]:
 
     def loss(outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         task = owner.loss_function(
-            logits=outputs.logits, labels=labels, vocab_size=owner.config.get_text_config().vocab_size,
+            logits=outputs.logits,
+            labels=labels,
+            vocab_size=owner.config.get_text_config().vocab_size,
             num_items_in_batch=num_items_in_batch,
         )
         return task + aux_loss(model).to(task.device) * accumulation_share(labels, num_items_in_batch)

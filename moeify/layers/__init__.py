@@ -4,4 +4,12 @@ from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.moe import MoeLayer
 from moeify.layers.routers import ConditioningContext, Router, RouterSpec, register_router
 
-__all__ = ["ConditioningContext", "ModuleExperts", "MoeLayer", "PackedExperts", "Router", "RouterSpec", "register_router"]
+__all__ = [
+    "ConditioningContext",
+    "ModuleExperts",
+    "MoeLayer",
+    "PackedExperts",
+    "Router",
+    "RouterSpec",
+    "register_router",
+]

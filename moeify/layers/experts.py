@@ -267,7 +267,9 @@ class ModuleExperts(nn.Module):
             # DDP without find_unused_parameters fails on the next step ("Expected to have finished
             # reduction") when a parameter is missing from a step's graph. An empty slice of each
             # idle expert's parameters joins the graph at zero cost: its gradient is exactly zero.
-            y_TD = y_TD + sum(p.reshape(-1)[:0].sum() for expert in idle for p in expert.parameters() if p.requires_grad)
+            y_TD = y_TD + sum(
+                p.reshape(-1)[:0].sum() for expert in idle for p in expert.parameters() if p.requires_grad
+            )
         return y_TD, counts_E
 
     def forward_all(self, x_TD: Tensor) -> Tensor:

@@ -85,7 +85,9 @@ class DeadExperts(Monitor):
                         f"expert {expert} of layer {layer.depth} ({layer.name}) received no tokens for "
                         f"{streak.steps} steps (since step {streak.since})"
                     )
-                    events.append(event(stats.step, self.name, layer.name, "dead", detail, expert=expert, since=streak.since))
+                    events.append(
+                        event(stats.step, self.name, layer.name, "dead", detail, expert=expert, since=streak.since)
+                    )
                 elif change == "end":
                     self._revived[layer.name] = self._revived.get(layer.name, 0) + 1
                     detail = (
@@ -93,7 +95,15 @@ class DeadExperts(Monitor):
                         f"{streak.ended_steps} steps without tokens"
                     )
                     events.append(
-                        event(stats.step, self.name, layer.name, "revived", detail, expert=expert, dead_for=streak.ended_steps)
+                        event(
+                            stats.step,
+                            self.name,
+                            layer.name,
+                            "revived",
+                            detail,
+                            expert=expert,
+                            dead_for=streak.ended_steps,
+                        )
                     )
                 self._longest[layer.name] = max(self._longest.get(layer.name, 0), streak.steps)
             dead = self.dead_now(layer.name)

@@ -238,7 +238,8 @@ class Deadlock(Monitor):
         shares = self._shares(layer, expert)
         counts, _ = self._holds(layer, expert)
         why = (
-            f"its mean router probability fell to {shares['prob_share']:.3f}" if counts
+            f"its mean router probability fell to {shares['prob_share']:.3f}"
+            if counts
             else f"it fell to {shares['dominance']:.3f} of its maximum assignment share"
         )
         detail = f"layer {layer.depth} ({layer.name}) recovered: expert {expert} {why} after {steps} deadlocked steps"
@@ -351,7 +352,9 @@ def _bootstrap(
         key: ([_quantile(v, alpha), _quantile(v, 1.0 - alpha)] if v else None) for key, v in draws.items()
     }
     out.update(
-        resamples=resamples, seed=seed, confidence=confidence,
+        resamples=resamples,
+        seed=seed,
+        confidence=confidence,
         defined={key: len(v) for key, v in draws.items()},  # resamples where each statistic exists
     )
     return out

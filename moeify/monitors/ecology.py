@@ -145,14 +145,20 @@ class Ecology(Monitor):
             self._contradicted.append(layer.name)
             detail = (
                 f"layer {layer.depth} ({layer.name}): expert(s) {starved} without any top-k assignment for "
-                f"{max(zero[e] for e in starved)} steps at E = {t['E']:.3g} >= {self.threshold}, where \"{PAPER}\" "
+                f'{max(zero[e] for e in starved)} steps at E = {t["E"]:.3g} >= {self.threshold}, where "{PAPER}" '
                 f"reports no dead expert at E >= 0.5 (its dead experts: zero routing probability for "
                 f"> {PAPER_DEAD_BATCHES} batches)"
             )
             out.append(
                 event(
-                    stats.step, self.name, layer.name, "ecology_contradicted", detail,
-                    severity="warning", E=t["E"], experts=starved,
+                    stats.step,
+                    self.name,
+                    layer.name,
+                    "ecology_contradicted",
+                    detail,
+                    severity="warning",
+                    E=t["E"],
+                    experts=starved,
                 )
             )
         return out

@@ -65,8 +65,16 @@ class RouterEntropy(Monitor):
         CardFigure("saturated_layers", path=("model", "saturated_layers"), order=100),
     )
     card_plots = (
-        CardPlot("entropy.png", "Router entropy per layer over training", style="lines", metric="entropy",
-                 title="router entropy per layer", ylabel="entropy / log E", ylim=(0.0, 1.05), order=20),
+        CardPlot(
+            "entropy.png",
+            "Router entropy per layer over training",
+            style="lines",
+            metric="entropy",
+            title="router entropy per layer",
+            ylabel="entropy / log E",
+            ylim=(0.0, 1.05),
+            order=20,
+        ),
     )
     resolved_events = ("soft_saturation_ended", "saturation_ended")
 
@@ -135,10 +143,15 @@ class RouterEntropy(Monitor):
                 continue
             margin_rel = layer.margin * layer.num_experts
             reference = self._update_reference(layer, n)
-            shifts = None if reference is None else {
-                "entropy_shift": layer.entropy - reference["entropy"],
-                "max_prob_shift": _peak(reference["max_prob"], layer.num_experts) - _peak(layer.max_prob, layer.num_experts),
-            }
+            shifts = (
+                None
+                if reference is None
+                else {
+                    "entropy_shift": layer.entropy - reference["entropy"],
+                    "max_prob_shift": _peak(reference["max_prob"], layer.num_experts)
+                    - _peak(layer.max_prob, layer.num_experts),
+                }
+            )
             soft = self._soft.setdefault(layer.name, Streak())
             hard = self._hard.setdefault(layer.name, Streak())
             soft_change = soft.update(self._is_soft(layer, margin_rel, shifts), stats.step, n, self.soft_patience)
@@ -184,7 +197,15 @@ class RouterEntropy(Monitor):
                 f"{soft.steps} steps"
             )
             out.append(
-                event(step, self.name, layer.name, "soft_saturation", detail, since=soft.since, reference_entropy=ref["entropy"])
+                event(
+                    step,
+                    self.name,
+                    layer.name,
+                    "soft_saturation",
+                    detail,
+                    since=soft.since,
+                    reference_entropy=ref["entropy"],
+                )
             )
         elif soft_change == "end":
             detail = f"{where}: router separates experts again after {soft.ended_steps} steps of soft saturation"
@@ -202,7 +223,11 @@ class RouterEntropy(Monitor):
         ref = self._reference.get(layer)
         if not ref or not ref["steps"]:
             return {"steps": 0, "entropy": None, "max_prob": None}
-        return {"steps": ref["steps"], "entropy": ref["entropy_sum"] / ref["steps"], "max_prob": ref["max_prob_sum"] / ref["steps"]}
+        return {
+            "steps": ref["steps"],
+            "entropy": ref["entropy_sum"] / ref["steps"],
+            "max_prob": ref["max_prob_sum"] / ref["steps"],
+        }
 
     def summary(self) -> dict[str, Any]:
         layers = {

@@ -205,7 +205,9 @@ class ExpertHomogenization(Monitor):
                 )
                 events.append(event(stats.step, self.name, name, kind, detail, spread_max=spread_max, drift=drift))
             elif kind == "diversified":
-                detail = f"routed experts of layer {depth[name]} ({name}) separated: max pairwise distance {spread_max:.2e}"
+                detail = (
+                    f"routed experts of layer {depth[name]} ({name}) separated: max pairwise distance {spread_max:.2e}"
+                )
                 events.append(event(stats.step, self.name, name, kind, detail, spread_max=spread_max))
         self._last.update(metrics)
         return metrics, events
@@ -224,7 +226,10 @@ class ExpertHomogenization(Monitor):
 
     def summary(self) -> dict[str, Any]:
         layers = {name: {**m, "homogeneous": self._flagged.get(name, False)} for name, m in self._last.items()}
-        model = {"homogeneous_layers": sum(1 for v in layers.values() if v["homogeneous"]), "last_read": self._last_read}
+        model = {
+            "homogeneous_layers": sum(1 for v in layers.values() if v["homogeneous"]),
+            "last_read": self._last_read,
+        }
         return {"model": model, "layers": layers}
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,13 +33,25 @@ class ExpertLoad(Monitor):
         CardColumn("max/mean load", "max_mean", last_key="max_mean", order=20),
     )
     card_plots = (
-        CardPlot("load_heatmap.png", "Expert load share per layer and expert over training", style="expert_heatmap",
-                 metric="share_", title="expert load share (layer x expert over time)", order=10),
+        CardPlot(
+            "load_heatmap.png",
+            "Expert load share per layer and expert over training",
+            style="expert_heatmap",
+            metric="share_",
+            title="expert load share (layer x expert over time)",
+            order=10,
+        ),
         # Drawn from the load shares (k x the largest share per layer: 1 = one expert takes every
         # token it can), the deadlock monitor's events marked on it.
-        CardPlot("deadlock_map.png", "Deadlock map: the top expert's share of its maximum over depth and time",
-                 style="deadlock_map", metric="share_", marks="deadlocked",
-                 title="deadlock map: top expert's share of its maximum (k x max share)", order=30),
+        CardPlot(
+            "deadlock_map.png",
+            "Deadlock map: the top expert's share of its maximum over depth and time",
+            style="deadlock_map",
+            metric="share_",
+            marks="deadlocked",
+            title="deadlock map: top expert's share of its maximum (k x max share)",
+            order=30,
+        ),
     )
 
     def __init__(self) -> None:

@@ -102,7 +102,13 @@ class SharedMaturity(Monitor):
     def _track_episode(state: dict[str, Any], locked: bool, lock: Any, ratio: float, step: int) -> None:
         if locked and not state["was_locked"]:
             state["episodes"].append(
-                {"expert": lock.expert, "start": lock.streak.since, "end": None, "ratio_at_start": ratio, "ratio_at_end": None}
+                {
+                    "expert": lock.expert,
+                    "start": lock.streak.since,
+                    "end": None,
+                    "ratio_at_start": ratio,
+                    "ratio_at_end": None,
+                }
             )
         elif state["was_locked"] and not locked:
             episode = state["episodes"][-1]

@@ -226,7 +226,9 @@ class TimestepRouting(Monitor):
                 "last bucket; pass the model's largest timestep as max_timestep",
                 stacklevel=3,
             )
-        elif counted and times_UX[0, 1].item() == counted and self.max_timestep > 1 and times_UX[0, 0].item() <= counted:
+        elif (
+            counted and times_UX[0, 1].item() == counted and self.max_timestep > 1 and times_UX[0, 0].item() <= counted
+        ):
             warnings.warn(
                 f"timestep routing: every timestep was in [0, 1] and landed in the first bucket; if the model "
                 f"gets t / {self.max_timestep:g} (Flux-style), pass max_timestep=1.0",

@@ -28,7 +28,9 @@ class ConsoleSink:
 
     def write(self, record: dict[str, Any]) -> None:
         for ev in record.get("events", []):
-            self._print(f"[moeify step {ev['step']}] {ev['monitor']}: {ev['layer'] or 'model'} {ev['kind']} - {ev['detail']}")
+            self._print(
+                f"[moeify step {ev['step']}] {ev['monitor']}: {ev['layer'] or 'model'} {ev['kind']} - {ev['detail']}"
+            )
         self._records += 1
         if self._records % self.every:
             return
@@ -38,7 +40,9 @@ class ConsoleSink:
         if not columns or not layers:
             return
         width = max(len(name) for name in layers)
-        self._print(f"step {record['step']}".ljust(width) + "  " + "  ".join(title.rjust(9) for _, _, title, _ in columns))
+        self._print(
+            f"step {record['step']}".ljust(width) + "  " + "  ".join(title.rjust(9) for _, _, title, _ in columns)
+        )
         for name in layers:
             cells = []
             for monitor, metric, _, fmt in columns:
@@ -47,4 +51,6 @@ class ConsoleSink:
             self._print(name.ljust(width) + "  " + "  ".join(cells))
 
     def close(self, summary: dict[str, Any]) -> None:
-        self._print(f"[moeify] monitoring closed after {summary.get('steps', 0)} steps, {summary.get('events', 0)} events")
+        self._print(
+            f"[moeify] monitoring closed after {summary.get('steps', 0)} steps, {summary.get('events', 0)} events"
+        )

@@ -29,7 +29,9 @@ class MoeifyCallback(TrainerCallback):
 
     def __init__(self, runner: MonitorRunner | None = None, *, model: nn.Module | None = None) -> None:
         if runner is None and model is None:
-            raise ValueError("MoeifyCallback needs a monitor runner (attach_monitors(model)) or model=, a converted model")
+            raise ValueError(
+                "MoeifyCallback needs a monitor runner (attach_monitors(model)) or model=, a converted model"
+            )
         self.runner = runner
         self.routing: RoutingControl = routing_control(model if model is not None else runner.model)
         self._last: dict[str, Any] | None = None

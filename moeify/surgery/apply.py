@@ -123,7 +123,9 @@ def _dense_module(model: nn.Module, site: FFNSite) -> nn.Module:
     return model.get_submodule(site.name)
 
 
-def build_layer(model: nn.Module, site: FFNSite, index: int, plan: ConversionPlan) -> tuple[MoeLayer, FFNWeights | None]:
+def build_layer(
+    model: nn.Module, site: FFNSite, index: int, plan: ConversionPlan
+) -> tuple[MoeLayer, FFNWeights | None]:
     """The MoE layer for one site, not yet installed, and the dense weights it was read from
     (None on the generic path)."""
     config = plan.config

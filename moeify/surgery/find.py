@@ -293,11 +293,17 @@ class _Walk:
 
     def _generic(self, name: str, module: nn.Module) -> FFNSite | SkippedSite:
         class_name = type(module).__name__
-        if not any(isinstance(m, nn.Linear) or pointwise_conv(m) or type(m).__name__ == "Conv1D" for m in module.modules()):
-            return SkippedSite(name, class_name, "targeted, but it holds no projection (nn.Linear, Conv1D, 1x1 conv): not an FFN")
+        if not any(
+            isinstance(m, nn.Linear) or pointwise_conv(m) or type(m).__name__ == "Conv1D" for m in module.modules()
+        ):
+            return SkippedSite(
+                name, class_name, "targeted, but it holds no projection (nn.Linear, Conv1D, 1x1 conv): not an FFN"
+            )
         required = required_positional_args(module)
         if len(required) != 1:
-            return SkippedSite(name, class_name, f"targeted, but its forward takes {required}, not the hidden states alone")
+            return SkippedSite(
+                name, class_name, f"targeted, but its forward takes {required}, not the hidden states alone"
+            )
         reason = _selection_reason(self.config, (name,), layer_index(name))
         if reason:
             return SkippedSite(name, class_name, reason, unselected=True)

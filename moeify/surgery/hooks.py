@@ -99,7 +99,9 @@ class OutputLoss:
             return
         if module.training:
             require_graph(layers, aux)
-            output.loss = loss + (aux * accumulation_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))).to(device=loss.device, dtype=loss.dtype)
+            output.loss = loss + (aux * accumulation_share(kwargs.get("labels"), kwargs.get("num_items_in_batch"))).to(
+                device=loss.device, dtype=loss.dtype
+            )
             for layer in layers:
                 layer.loss_taken_by_output = True
             if torch.is_grad_enabled() and type(output).__name__ == "FusedCausalLMOutput":

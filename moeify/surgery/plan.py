@@ -54,7 +54,9 @@ def _candidates(report: FFNReport, limit: int = 12) -> list[SkippedSite]:
     return shown[:limit]
 
 
-def _nothing_found(model: nn.Module, report: FFNReport, config: MoeifyConfig, traced_on_inputs: bool) -> ConversionError:
+def _nothing_found(
+    model: nn.Module, report: FFNReport, config: MoeifyConfig, traced_on_inputs: bool
+) -> ConversionError:
     converted = [s.name for s in report.skipped if s.reason == "already converted by moeify"]
     if converted and config.target_modules is None:
         return ConversionError(

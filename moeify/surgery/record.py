@@ -30,7 +30,11 @@ def _callable_to_dict(value: Any, what: str) -> dict[str, Any] | None:
     if isinstance(value, ResidualReference):
         return {"residual": list(value.residual)}
     if isinstance(value, ChannelsFirstReference):
-        return {"channels_first": value.positions, "inner": _callable_to_dict(value.inner, what), "chain": list(value.chain)}
+        return {
+            "channels_first": value.positions,
+            "inner": _callable_to_dict(value.inner, what),
+            "chain": list(value.chain),
+        }
     raise NotReplayable(f"the {what} of this layout ({value!r}) cannot be written to a checkpoint")
 
 

@@ -238,9 +238,7 @@ def record(module: nn.Module, args: tuple, kwargs: dict | None = None) -> Trace:
             continue
         handles.append(sub.register_forward_pre_hook(recorder.before, with_kwargs=True))
         handles.append(
-            sub.register_forward_hook(
-                lambda m, a, k, r, path=path: recorder.after(path, m, a, k, r), with_kwargs=True
-            )
+            sub.register_forward_hook(lambda m, a, k, r, path=path: recorder.after(path, m, a, k, r), with_kwargs=True)
         )
     kwargs = kwargs or {}
     for pos, value in enumerate(tree_flatten((args, kwargs))[0]):

@@ -132,7 +132,9 @@ def run_model(model: nn.Module, example_inputs: Any, seed: int = 0) -> list[Tens
 def model_deviation(reference: list[Tensor], converted: list[Tensor]) -> float:
     """max |converted - reference| / reference scale over the outputs (what `check_model` bounds)."""
     if len(reference) != len(converted):
-        raise ConversionError("the converted model returns a different number of outputs than the model it is compared with")
+        raise ConversionError(
+            "the converted model returns a different number of outputs than the model it is compared with"
+        )
     return max((relative_error(c, r) for c, r in zip(converted, reference)), default=0.0)
 
 

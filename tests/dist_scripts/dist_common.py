@@ -73,8 +73,13 @@ def build(kind: str, **overrides) -> nn.Module:
     cfg = {"num_experts": 4, "balance_loss_weight": 0.0, "z_loss_weight": 1e-3, **overrides}
     if kind == "llama":
         config = AutoConfig.for_model(
-            "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB,
+            "llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
         )
         return moeify.moeify(AutoModelForCausalLM.from_config(config), top_k=2, **cfg)
     model = ToyNet(d=10 if kind == "loop" else 16, generic=kind == "generic")

@@ -66,8 +66,11 @@ def main() -> None:
     result = {
         "world_size": world,
         "w_in": {
-            "type": type(w_in).__name__, "global": tuple(w_in.shape), "local": tuple(w_in.to_local().shape),
-            "placements": str(w_in.placements), "dtype": str(w_in.dtype),
+            "type": type(w_in).__name__,
+            "global": tuple(w_in.shape),
+            "local": tuple(w_in.to_local().shape),
+            "placements": str(w_in.placements),
+            "dtype": str(w_in.dtype),
         },
         "router": {"type": type(layer.router.gate.weight).__name__, "dtype": str(layer.router.gate.weight.dtype)},
         "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),

@@ -91,9 +91,7 @@ class CrossAttentionRouter(Router):
     ) -> None:
         super().__init__()
         if attention_size % num_heads:
-            raise ValueError(
-                f"router_hidden_size={attention_size} must be divisible by router_num_heads={num_heads}"
-            )
+            raise ValueError(f"router_hidden_size={attention_size} must be divisible by router_num_heads={num_heads}")
         self.num_experts, self.num_heads = num_experts, num_heads
         kw = dict(device=device, dtype=torch.float32)
         self.to_q = nn.Linear(hidden_size, attention_size, bias=False, **kw)

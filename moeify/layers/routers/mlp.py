@@ -13,7 +13,9 @@ from moeify.layers.routers.base import Router, RouterSpec, register_router
 class MlpRouter(Router):
     output_layers = ("fc2",)
 
-    def __init__(self, hidden_size: int, router_hidden_size: int, num_experts: int, init_std: float, device=None) -> None:
+    def __init__(
+        self, hidden_size: int, router_hidden_size: int, num_experts: int, init_std: float, device=None
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.fc1 = nn.Linear(hidden_size, router_hidden_size, device=device, dtype=torch.float32)
