@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from moeify.atomic import as_directory, staged_for_ranks
 from moeify.control.routing import routing_control
-from moeify.layers.inventory import unwrap
+from moeify.layers.inventory import conversion_recipes, unwrap
 
 RECORD = "moeify_sharded.json"
 FORMAT = 1
@@ -40,13 +39,6 @@ def _distributed() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-def _recipes(model: nn.Module, caller: str) -> list[dict[str, Any]]:
-    state = getattr(model, "moeify_state", None)
-    if state is None or not state.conversions:
-        raise ValueError(f"{caller}: this {type(model).__name__} was not converted by moeify: call moeify(model) first")
-    return [config.to_dict() for config in state.conversions]
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -77,7 +69,7 @@ def save_sharded(
     caller = "moeify.distributed.save_sharded"
     target = as_directory(directory, caller)
     model = unwrap(model)
-    record = {"format": FORMAT, "recipes": _recipes(model, caller)}
+    record = {"format": FORMAT, "recipes": conversion_recipes(model, caller)}
     routing = getattr(model.moeify_state, "routing", None)
     if routing is not None:
         record["routing"] = routing.state_dict()
@@ -106,11 +98,11 @@ def load_sharded(
     record = json.loads(record_path.read_text())
     if record.get("format") != FORMAT:
         raise ValueError(f"{caller}: {record_path} has format {record.get('format')!r}; this moeify reads {FORMAT}")
-    if record["recipes"] != _recipes(model, caller):
+    if record["recipes"] != conversion_recipes(model, caller):
         raise ValueError(
             f"{caller}: {source} was written for a model converted with other recipes:\n"
             f"  checkpoint: {json.dumps(record['recipes'], sort_keys=True)}\n"
-            f"  this model: {json.dumps(_recipes(model, caller), sort_keys=True)}\n"
+            f"  this model: {json.dumps(conversion_recipes(model, caller), sort_keys=True)}\n"
             "convert the model with the checkpoint's recipe first"
         )
     optimizers = [optimizer] if optimizer is not None else []

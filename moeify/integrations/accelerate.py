@@ -55,7 +55,7 @@ from moeify.atomic import as_directory, staged_for_ranks
 from moeify.control.routing import routing_control
 from moeify.distributed.data_parallel import keep_stats_local
 from moeify.distributed.expert_parallel import is_expert_parallel
-from moeify.layers.inventory import moe_layers
+from moeify.layers.inventory import conversion_recipes, moe_layers
 from moeify.precision.guards import Bf16Guard
 
 STATE_FORMAT = 1
@@ -231,10 +231,7 @@ class MoeifyCheckpoint:
         self.model, self.runner = model, runner
 
     def _recipes(self) -> str:
-        state = getattr(self.model, "moeify_state", None)
-        if state is None:
-            raise ValueError(f"{type(self.model).__name__} was not converted by moeify: call moeify(model) first")
-        return json.dumps([config.to_dict() for config in state.conversions], sort_keys=True)
+        return json.dumps(conversion_recipes(self.model, "moeify.integrations.accelerate"), sort_keys=True)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"format": STATE_FORMAT, "recipes": self._recipes()}

@@ -8,6 +8,7 @@ integrations), so it sits with the layers and imports nothing above them.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from torch import nn
 
@@ -33,6 +34,16 @@ def no_moe_layers(model: nn.Module, where: str = "") -> ValueError:
     return ValueError(f"{prefix}{type(model).__name__} has no moeify MoE layers: call moeify(model) first")
 
 
+def conversion_recipes(model: nn.Module, where: str = "") -> list[dict[str, Any]]:
+    """The recipes `model` was converted with (`model.moeify_state.conversions`, as dicts): what a
+    checkpoint records and checks on load. A ValueError, prefixed with `where`, if it was not."""
+    state = getattr(model, "moeify_state", None)
+    if state is None or not state.conversions:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}this {type(model).__name__} was not converted by moeify: call moeify(model) first")
+    return [config.to_dict() for config in state.conversions]
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Total parameters, those a token runs through (everything outside the MoE layers; per MoE
     layer its router and shared experts, and top_k of its E routed experts), and those of the
@@ -45,9 +56,12 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         routed = sum(p.numel() for p in layer.experts.parameters())
         per_expert = routed // layer.num_experts
         active -= routed - layer.top_k * per_expert
-        slices = getattr(layer, "granularity", 1)
-        b_out = getattr(layer.experts, "b_out", None)
-        dense_ffn = slices * per_expert - (slices - 1) * (b_out.shape[-1] if b_out is not None else 0)
+        dense_ffn = per_expert
+        if layer.granularity > 1:  # packed slices, each holding the whole output bias
+            b_out = layer.experts.b_out
+            dense_ffn = layer.granularity * per_expert - (layer.granularity - 1) * (
+                0 if b_out is None else b_out.shape[-1]
+            )
         dense -= in_layer - dense_ffn
     return {"total": total, "active_per_token": active, "dense": dense}
 
