@@ -124,12 +124,12 @@ def _ffn_shaped_block(model: Any, report: Any) -> str | None:
     outside every module skipped for a correct reason: a missed FFN, or one to look at by hand.
     "One block": their common parent is at most two levels above each (`mlp.fc1` / `mlp.fc2`,
     BERT's `intermediate.dense` / `output.dense`), not two stages of a network."""
-    from moeify.surgery.discover import _pointwise_shape
+    from moeify.surgery.discover import pointwise_shape
 
     skipped = tuple(s.name + "." for s in report.skipped)
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, module in model.named_modules():
-        shape = _pointwise_shape(module)
+        shape = pointwise_shape(module)
         if shape is not None and not (name + ".").startswith(skipped):
             by_shape.setdefault(shape, []).append(name)
     for (i_out, d_in), ins in by_shape.items():

@@ -344,7 +344,7 @@ def test_a_new_monitor_appears_on_the_card(tmp_path) -> None:
 
         written = [p.name for p in routing_plots(run, tmp_path)]
     finally:
-        del base._MONITORS["test_spread"]
+        base._MONITORS.unregister("test_spread")
     assert health["headers"][-2:] == ["spread", "flagged"]
     assert [row[-2:] for row in health["rows"]] == [["0.75", "**yes**"], ["–", "–"]]
     yaml = health["yaml"]

@@ -185,10 +185,10 @@ def test_meta_model_needs_verify_false() -> None:
 @pytest.fixture
 def isolated_registries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test vanish after it (the tables are module globals)."""
-    monkeypatch.setattr(registry, "_FFN", dict(registry._FFN))
-    monkeypatch.setattr(registry, "_SKIP", dict(registry._SKIP))
-    monkeypatch.setattr(registry, "_CONDITIONING", dict(registry._CONDITIONING))
-    monkeypatch.setattr(router_base, "_ROUTERS", dict(router_base._ROUTERS))
+    monkeypatch.setattr(registry, "_FFN", registry._FFN.copy())
+    monkeypatch.setattr(registry, "_SKIP", registry._SKIP.copy())
+    monkeypatch.setattr(registry, "_CONDITIONING", registry._CONDITIONING.copy())
+    monkeypatch.setattr(router_base, "_ROUTERS", router_base._ROUTERS.copy())
 
 
 class SwappedMLP(GatedMLP):
@@ -313,7 +313,7 @@ def test_registries_refuse_duplicates() -> None:
 def test_registries_refuse_bare_class_names(register) -> None:
     """Several models define their own class called FeedForward: a bare name would match them all."""
     args = {register_ffn: (SWAPPED,), register_skip: ("a reason",), register_conditioning: ("arg", "dim")}[register]
-    before = (dict(registry._FFN), dict(registry._SKIP), dict(registry._CONDITIONING))
+    before = (registry._FFN.copy(), registry._SKIP.copy(), registry._CONDITIONING.copy())
     with pytest.raises(ValueError, match=r"fully qualified name \('package.module.ClassName'\), got 'FeedForward'"):
         register("FeedForward", *args)
     assert (registry._FFN, registry._SKIP, registry._CONDITIONING) == before

@@ -232,7 +232,7 @@ def registry(monkeypatch):
     """The export-format registry, restored after the test (formats registered in it vanish)."""
     from moeify.hub.formats import base
 
-    monkeypatch.setattr(base, "_FORMATS", dict(base._FORMATS))
+    monkeypatch.setattr(base, "_FORMATS", base._FORMATS.copy())
     return base
 
 

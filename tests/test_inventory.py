@@ -57,7 +57,7 @@ def test_sum_over_ranks_is_a_no_op_on_one_process() -> None:
 
 
 def test_expert_weight_readers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(homogenization, "_READERS", list(homogenization._READERS))
+    monkeypatch.setattr(homogenization, "_READERS", homogenization._READERS.copy())
     experts = moeify.moeify(tiny_llama(), num_experts=4, top_k=2, seed=0).model.layers[0].mlp.experts
     plain = expert_weights(experts)
     assert [tuple(w.shape) for w in plain] == [(4, 2 * 64 * 32), (4, 32 * 64)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moeify.architectures.layouts import FFNLayout
+from moeify.registry import Registry
 
 # A resolver looks at an instance and returns its layout, or a string: the reason to skip it.
 Resolver = Callable[[nn.Module], "FFNLayout | str"]
@@ -31,9 +32,9 @@ class Conditioning:
     dim_attr: str
 
 
-_FFN: dict[str, FFNLayout | Resolver] = {}
-_SKIP: dict[str, str] = {}
-_CONDITIONING: dict[str, Conditioning] = {}
+_FFN: Registry[str, FFNLayout | Resolver] = Registry("FFN class", duplicate="an FFN class")
+_SKIP: Registry[str, str] = Registry("skipped class", duplicate="a skipped class")
+_CONDITIONING: Registry[str, Conditioning] = Registry("conditioning entry", duplicate="a conditioning entry for")
 
 
 def qualified_name(cls: type | str) -> str:
@@ -52,34 +53,23 @@ def class_key(module: nn.Module) -> str:
     return qualified_name(type(module))
 
 
-def _refuse_duplicate(table: dict, key: str, what: str) -> None:
-    if key in table:
-        raise ValueError(f"{what} {key!r} is already registered")
-
-
 def register_ffn(cls: type | str, layout: FFNLayout | Resolver) -> None:
     """Teach moeify an FFN class: a layout (data), or a resolver for classes built from options."""
-    key = qualified_name(cls)
-    _refuse_duplicate(_FFN, key, "an FFN class")
-    _FFN[key] = layout
+    _FFN.register(qualified_name(cls), layout)
 
 
 def register_skip(cls: type | str, reason: str) -> None:
     """Name a class that must never be converted, with the reason users will read."""
-    key = qualified_name(cls)
-    _refuse_duplicate(_SKIP, key, "a skipped class")
-    _SKIP[key] = reason
+    _SKIP.register(qualified_name(cls), reason)
 
 
 def register_conditioning(model_cls: type | str, arg: str, dim_attr: str) -> None:
     """Tell the cross-attention router where a model's conditioning comes from."""
-    key = qualified_name(model_cls)
-    _refuse_duplicate(_CONDITIONING, key, "a conditioning entry for")
-    _CONDITIONING[key] = Conditioning(arg, dim_attr)
+    _CONDITIONING.register(qualified_name(model_cls), Conditioning(arg, dim_attr))
 
 
 def registered_ffn_classes() -> tuple[str, ...]:
-    return tuple(sorted(_FFN))
+    return tuple(_FFN.names())
 
 
 def conditioning_for(model: nn.Module) -> Conditioning | None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from moeify.layers.stats import INDEX
+from moeify.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -236,33 +237,27 @@ class Monitor:
 
 
 MonitorFactory = Callable[[], Monitor]
-_MONITORS: dict[str, type[Monitor] | MonitorFactory] = {}
+_MONITORS: Registry[str, type[Monitor] | MonitorFactory] = Registry("monitor", listing="registered monitors")
 DEFAULT_MONITORS: list[str] = []
 
 
 def register_monitor(name: str, factory: type[Monitor] | MonitorFactory, *, default: bool = False) -> None:
     """Make `attach_monitors(model, monitors=[name])` build `factory()`. Duplicates are refused."""
-    if name in _MONITORS:
-        raise ValueError(f"a monitor named {name!r} is already registered")
-    _MONITORS[name] = factory
+    _MONITORS.register(name, factory)
     if default:
         DEFAULT_MONITORS.append(name)
 
 
 def build_monitor(name: str) -> Monitor:
-    if name not in _MONITORS:
-        raise ValueError(f"unknown monitor {name!r}; registered monitors: {sorted(_MONITORS)}")
     return _MONITORS[name]()
 
 
 def monitor_names() -> tuple[str, ...]:
-    return tuple(sorted(_MONITORS))
+    return tuple(_MONITORS.names())
 
 
 def monitor_class(name: str) -> type[Monitor]:
     """The class a registered monitor is built from (a factory that is no class is called once)."""
-    if name not in _MONITORS:
-        raise ValueError(f"unknown monitor {name!r}; registered monitors: {sorted(_MONITORS)}")
     factory = _MONITORS[name]
     return factory if isinstance(factory, type) else type(factory())
 

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.inventory import is_peft_module
 from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
+from moeify.registry import Registry
 
 _TINY = 1e-30
 
@@ -45,7 +46,9 @@ ExpertWeights = list[Tensor | list[Tensor]]
 # Readers for experts whose weights are not all in their own parameters (an adapter adds ΔW), as
 # (predicate, reader) pairs tried in order before the plain layouts. moeify.integrations.peft
 # registers the one for peft adapters when it is imported.
-_READERS: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], ExpertWeights]]] = []
+_READERS: Registry[Callable[[nn.Module], ExpertWeights], Callable[[nn.Module], bool]] = Registry(
+    "expert weight reader", duplicate="expert weight reader"
+)
 
 
 def register_expert_weight_reader(
@@ -57,9 +60,7 @@ def register_expert_weight_reader(
     if not callable(predicate) or not callable(reader):
         got = f"{type(predicate).__name__}, {type(reader).__name__}"
         raise TypeError(f"predicate and reader must be callables, got {got}")
-    if any(reader is known for _, known in _READERS):
-        raise ValueError(f"expert weight reader {getattr(reader, '__qualname__', reader)!r} is already registered")
-    _READERS.append((predicate, reader))
+    _READERS.register(reader, predicate)
 
 
 def expert_weights(experts: nn.Module) -> ExpertWeights:
@@ -69,7 +70,7 @@ def expert_weights(experts: nn.Module) -> ExpertWeights:
         # peft glue, which registers it on import. peft itself is loaded already when its modules
         # are in the model, so this import costs nothing more.
         import_module("moeify.integrations.peft")
-    for predicate, reader in _READERS:
+    for reader, predicate in _READERS.items():
         if predicate(experts):
             return reader(experts)
     if isinstance(experts, PackedExperts):

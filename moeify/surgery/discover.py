@@ -68,7 +68,7 @@ def _is_stack(module: nn.Module) -> bool:
 
 
 def _projections(module: nn.Module) -> int:
-    return sum(_pointwise_shape(sub) is not None for sub in module.modules())
+    return sum(pointwise_shape(sub) is not None for sub in module.modules())
 
 
 # An embedding this large holds a vocabulary: its module is a whole model, not a block (a block may
@@ -87,7 +87,7 @@ def worth_tracing(module: nn.Module) -> bool:
     return _projections(module) >= 2
 
 
-def _pointwise_shape(module: nn.Module) -> tuple[int, int] | None:
+def pointwise_shape(module: nn.Module) -> tuple[int, int] | None:
     """[out, in] of a projection or of a 1x1 convolution (a projection of the channels)."""
     weight = getattr(module, "weight", None)
     if not is_leaf(module) or not isinstance(weight, Tensor) or isinstance(module, nn.Embedding):
@@ -102,7 +102,7 @@ def ffn_shaped(module: nn.Module, leaves: list[nn.Module] | None = None) -> bool
     [I, D] or a fused [2I, D], then [D, I]): an FFN may hide there. FFNs expand; an attention
     block's D -> D projections, a low-rank query (D -> r -> D) or a squeeze-excitation do not.
     `leaves`: look at these instead of all of the module's."""
-    shapes = {s for s in map(_pointwise_shape, leaves if leaves is not None else module.modules()) if s is not None}
+    shapes = {s for s in map(pointwise_shape, leaves if leaves is not None else module.modules()) if s is not None}
     return any(
         d_out == d_in and i_in > d_in and i_out in (i_in, 2 * i_in) for i_out, d_in in shapes for d_out, i_in in shapes
     )

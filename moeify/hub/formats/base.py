@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from moeify.registry import Registry
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -94,7 +96,9 @@ class ExportFormat:
         return refuse(self.name, reason)
 
 
-_FORMATS: dict[str, ExportFormat] = {}
+_FORMATS: Registry[str, ExportFormat] = Registry(
+    "format", duplicate="an export format named", listing="supported formats", error=ExportError, where="moeify.export"
+)
 
 
 def register_export_format(name: str) -> Callable[[type[ExportFormat]], type[ExportFormat]]:
@@ -103,17 +107,14 @@ def register_export_format(name: str) -> Callable[[type[ExportFormat]], type[Exp
     registered is refused."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"an export format name is an identifier such as 'qwen3_moe', got {name!r}")
-    if name in _FORMATS:
-        raise ValueError(f"an export format named {name!r} is already registered")
+    _FORMATS.refuse_duplicate(name)
 
     def decorator(cls: type[ExportFormat]) -> type[ExportFormat]:
         if not (isinstance(cls, type) and issubclass(cls, ExportFormat)):
             raise TypeError(f"register_export_format({name!r}) decorates an ExportFormat subclass, got {cls!r}")
-        if name in _FORMATS:  # registered between the call and the decoration
-            raise ValueError(f"an export format named {name!r} is already registered")
         handler = cls()
         handler.name = name
-        _FORMATS[name] = handler
+        _FORMATS.register(name, handler)  # refuses a name registered between the call and the decoration
         return cls  # unchanged: the class stays usable (and subclassable) by its own name
 
     return decorator
@@ -121,10 +122,8 @@ def register_export_format(name: str) -> Callable[[type[ExportFormat]], type[Exp
 
 def export_format(name: str) -> ExportFormat:
     """The registered handler of format `name`; ExportError naming the registered ones otherwise."""
-    if name not in _FORMATS:
-        raise ExportError(f"moeify.export: unknown format {name!r}; supported formats: {sorted(_FORMATS)}")
     return _FORMATS[name]
 
 
 def export_format_names() -> tuple[str, ...]:
-    return tuple(sorted(_FORMATS))
+    return tuple(_FORMATS.names())

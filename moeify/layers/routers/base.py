@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moeify.registry import Registry
+
 
 class Fp32Module(nn.Module):
     """Keeps its floating-point parameters and buffers in fp32 across `.to(dtype)`, `.half()`,
@@ -64,21 +66,17 @@ class RouterSpec:
 
 
 RouterBuilder = Callable[[RouterSpec], Router]
-_ROUTERS: dict[str, RouterBuilder] = {}
+_ROUTERS: Registry[str, RouterBuilder] = Registry("router kind", listing="registered kinds")
 
 
 def register_router(kind: str, builder: RouterBuilder) -> None:
     """Make `MoeifyConfig(router=kind)` build routers with `builder(spec)`. Duplicates are refused."""
-    if kind in _ROUTERS:
-        raise ValueError(f"a router kind named {kind!r} is already registered")
-    _ROUTERS[kind] = builder
+    _ROUTERS.register(kind, builder)
 
 
 def build_router(kind: str, spec: RouterSpec) -> Router:
-    if kind not in _ROUTERS:
-        raise ValueError(f"unknown router kind {kind!r}; registered kinds: {sorted(_ROUTERS)}")
     return _ROUTERS[kind](spec)
 
 
 def router_kinds() -> tuple[str, ...]:
-    return tuple(sorted(_ROUTERS))
+    return tuple(_ROUTERS.names())
