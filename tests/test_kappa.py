@@ -127,7 +127,7 @@ def test_bad_inputs_are_refused():
         ImbalanceEarlyWarning(kappa_start=30, kappa_window=20)
     with pytest.raises(ValueError, match="kappa_start <= kappa_window"):
         ImbalanceEarlyWarning(kappa_start=12)
-    with pytest.raises(ValueError, match="base_rate per step in"):
+    with pytest.raises(ValueError, match=r"base_rate must be in \(0, 1\] per step"):
         ImbalanceEarlyWarning(base_rate=0.0)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.streak import Streak
 
@@ -48,8 +49,7 @@ class DeadExperts(Monitor):
     resolved_events = ("revived",)
 
     def __init__(self, *, dead_after: int = 100) -> None:
-        if dead_after < 1:
-            raise ValueError(f"dead_after must be >= 1 step, got {dead_after}")
+        in_range("dead_after", dead_after, ">= 1", unit="step")
         self.dead_after = dead_after
         self.last_step = 0  # the step of the last observation (other monitors check it)
         self._streaks: dict[str, list[Streak]] = {}

@@ -57,6 +57,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardColumn, CardFigure, Event, LayerStats, Monitor, StepStats, event, register_monitor
 from moeify.monitors.streak import Streak
 
@@ -145,16 +146,12 @@ class Deadlock(Monitor):
         bootstrap_seed: int = 0,
         interval_confidence: float = 0.95,
     ) -> None:
-        if not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be in (0, 1], got {tau}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1 step, got {patience}")
-        if prob_tau is not None and not 0.0 <= prob_tau <= 1.0:
-            raise ValueError(f"prob_tau must be in [0, 1] or None (counts alone), got {prob_tau}")
-        if bootstrap_resamples < 1:
-            raise ValueError(f"bootstrap_resamples must be >= 1, got {bootstrap_resamples}")
-        if not 0.0 < interval_confidence < 1.0:
-            raise ValueError(f"interval_confidence must be in (0, 1), got {interval_confidence}")
+        in_range("tau", tau, "(0, 1]")
+        in_range("patience", patience, ">= 1", unit="step")
+        if prob_tau is not None:  # None: counts alone
+            in_range("prob_tau", prob_tau, "[0, 1]")
+        in_range("bootstrap_resamples", bootstrap_resamples, ">= 1")
+        in_range("interval_confidence", interval_confidence, "(0, 1)")
         self.tau, self.patience, self.prob_tau = tau, patience, prob_tau
         self.bootstrap_resamples, self.bootstrap_seed = bootstrap_resamples, bootstrap_seed
         self.interval_confidence = interval_confidence

@@ -62,6 +62,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardColumn, CardFigure, Event, LayerStats, Monitor, StepStats, event, register_monitor
 from moeify.monitors.load import imbalance
 from moeify.theory.estimate import MIN_OBSERVATIONS, detrend, kappa_from_rate, relaxation_rate
@@ -114,20 +115,18 @@ class ImbalanceEarlyWarning(Monitor):
         base_rate: float = 1.0,
         z: float = 1.645,
     ) -> None:
-        if window < 3:
-            raise ValueError(f"window must be >= 3 observations, got {window}")
-        if warmup < 0 or patience < 1:
-            raise ValueError(f"warmup must be >= 0 and patience >= 1, got {warmup} and {patience}")
-        if variance_ratio <= 1 or ac1_rise < 0 or min_std < 0:
-            raise ValueError(
-                f"need variance_ratio > 1, ac1_rise >= 0, min_std >= 0; got {variance_ratio}, {ac1_rise}, {min_std}"
-            )
+        in_range("window", window, ">= 3", unit="observations")
+        in_range("warmup", warmup, ">= 0")
+        in_range("patience", patience, ">= 1")
+        in_range("variance_ratio", variance_ratio, "> 1")
+        in_range("ac1_rise", ac1_rise, ">= 0")
+        in_range("min_std", min_std, ">= 0")
         if not MIN_OBSERVATIONS <= kappa_start <= kappa_window:
             raise ValueError(
                 f"need {MIN_OBSERVATIONS} <= kappa_start <= kappa_window, got {kappa_start} and {kappa_window}"
             )
-        if not 0 < base_rate <= 1 or not 0 <= z <= 3:
-            raise ValueError(f"need a base_rate per step in (0, 1] and z in [0, 3], got {base_rate} and {z}")
+        in_range("base_rate", base_rate, "(0, 1]", unit="per step")
+        in_range("z", z, "[0, 3]")
         self.window, self.warmup, self.patience = window, warmup, patience
         self.variance_ratio, self.ac1_rise, self.min_std = variance_ratio, ac1_rise, min_std
         self.kappa_window, self.kappa_start, self.kappa_threshold = kappa_window, kappa_start, kappa_threshold

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.dead import PAPER, PAPER_DEAD_BATCHES, DeadExperts
 
@@ -71,10 +72,8 @@ class Ecology(Monitor):
         dead: DeadExperts | None = None,
         dead_after: int = 100,
     ) -> None:
-        if oracle_weight < 0:
-            raise ValueError(f"oracle_weight must be >= 0, got {oracle_weight}")
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
+        in_range("oracle_weight", oracle_weight, ">= 0")
+        in_range("threshold", threshold, "> 0")
         self.oracle_weight, self.threshold = oracle_weight, threshold
         self._external = dead is not None
         self.dead = dead if dead is not None else DeadExperts(dead_after=dead_after)

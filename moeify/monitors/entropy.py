@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import (
     CardColumn,
     CardFigure,
@@ -89,18 +90,13 @@ class RouterEntropy(Monitor):
         min_shift: float = 0.05,
         reference_steps: int = 10,
     ) -> None:
-        if not 0.0 <= entropy_threshold <= 1.0:
-            raise ValueError(f"entropy_threshold must be in [0, 1], got {entropy_threshold}")
-        if margin_threshold < 0:
-            raise ValueError(f"margin_threshold must be >= 0, got {margin_threshold}")
-        if not 0.0 < saturation_threshold <= 1.0:
-            raise ValueError(f"saturation_threshold must be in (0, 1], got {saturation_threshold}")
-        if soft_patience < 1 or hard_patience < 1:
-            raise ValueError(f"patience must be >= 1 step, got {soft_patience} and {hard_patience}")
-        if not 0.0 <= min_shift <= 1.0:
-            raise ValueError(f"min_shift must be in [0, 1], got {min_shift}")
-        if reference_steps < 1:
-            raise ValueError(f"reference_steps must be >= 1 step, got {reference_steps}")
+        in_range("entropy_threshold", entropy_threshold, "[0, 1]")
+        in_range("margin_threshold", margin_threshold, ">= 0")
+        in_range("saturation_threshold", saturation_threshold, "(0, 1]")
+        in_range("soft_patience", soft_patience, ">= 1", unit="step")
+        in_range("hard_patience", hard_patience, ">= 1", unit="step")
+        in_range("min_shift", min_shift, "[0, 1]")
+        in_range("reference_steps", reference_steps, ">= 1", unit="step")
         self.entropy_threshold, self.margin_threshold = entropy_threshold, margin_threshold
         self.min_shift, self.reference_steps = min_shift, reference_steps
         self.saturation_threshold = saturation_threshold

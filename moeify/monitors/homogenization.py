@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from moeify.checks import in_range
 from moeify.layers.experts import ModuleExperts, PackedExperts
 from moeify.layers.inventory import is_peft_module
 from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
@@ -147,12 +148,9 @@ class ExpertHomogenization(Monitor):
         patience: int = 3,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1 or sample_size < 1 or patience < 1:
-            raise ValueError(
-                f"every_n_steps, sample_size and patience must be >= 1, got {every_n_steps}, {sample_size}, {patience}"
-            )
-        if threshold <= 0:
-            raise ValueError(f"threshold must be > 0, got {threshold}")
+        for name, value in (("every_n_steps", every_n_steps), ("sample_size", sample_size), ("patience", patience)):
+            in_range(name, value, ">= 1")
+        in_range("threshold", threshold, "> 0")
         self.every_n_steps, self.sample_size = every_n_steps, sample_size
         self.threshold, self.warmup, self.patience = threshold, warmup, patience
         self._generator = torch.Generator().manual_seed(seed)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.precision.counter import LostUpdateCounter
 
@@ -42,8 +43,7 @@ class LostUpdates(Monitor):
                 "the lost_updates monitor needs the optimizer: "
                 "attach_monitors(model, [..., LostUpdates(optimizer, model=model)])"
             )
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        in_range("threshold", threshold, "[0, 1]")
         self.counter = (
             source
             if isinstance(source, LostUpdateCounter)

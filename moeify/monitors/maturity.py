@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moeify.checks import in_range
 from moeify.monitors.base import CardColumn, CardFigure, Event, Monitor, StepStats, event, register_monitor
 from moeify.monitors.deadlock import Deadlock
 
@@ -43,8 +44,7 @@ class SharedMaturity(Monitor):
         patience: int = 50,
         prob_tau: float | None = 0.5,
     ) -> None:
-        if mature_ratio <= 0:
-            raise ValueError(f"mature_ratio must be > 0, got {mature_ratio}")
+        in_range("mature_ratio", mature_ratio, "> 0")
         self.mature_ratio = mature_ratio
         self._external = deadlock is not None
         self.deadlock = deadlock if deadlock is not None else Deadlock(tau=tau, patience=patience, prob_tau=prob_tau)

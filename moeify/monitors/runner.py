@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from moeify.checks import in_range
 from moeify.layers.inventory import require_moe_layers
 from moeify.layers.moe import MoeLayer
 from moeify.layers.stats import sum_over_ranks
@@ -59,8 +60,7 @@ class MonitorRunner:
     def __init__(
         self, model: nn.Module, monitors: Iterable[Monitor], sinks: Iterable[Sink] = (), every_n_steps: int = 1
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        in_range("every_n_steps", every_n_steps, ">= 1")
         self.model = model
         self.layers = require_moe_layers(model)
         self.monitors = list(monitors)
