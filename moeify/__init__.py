@@ -20,6 +20,7 @@ from moeify.layers import MoeLayer, register_router
 from moeify.layers.inventory import moe_layers
 from moeify.monitors import attach_monitors
 from moeify.precision import check_bf16, guard_bf16
+from moeify.recipes.param_groups import param_groups, warmup_schedule
 from moeify.surgery import ConversionError, FFNReport, find_ffns
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "model_card",
     "moe_layers",
     "moeify",
+    "param_groups",
     "push_to_hub",
     "register_conditioning",
     "register_export_format",
@@ -63,4 +65,5 @@ __all__ = [
     "save_pretrained",
     "set_routing",
     "token_mask",
+    "warmup_schedule",
 ]
