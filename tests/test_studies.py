@@ -49,7 +49,11 @@ def _load(out: Path, name: str) -> dict:
 
 @pytest.fixture
 def study_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This study's folder first on sys.path, and its modules imported afresh: the two studies
+    (studies/routing, studies/upcycling) both have a `report` module, and the other's may be cached."""
     monkeypatch.syspath_prepend(str(STUDY))
+    for path in STUDY.glob("*.py"):
+        monkeypatch.delitem(sys.modules, path.stem, raising=False)
 
 
 def test_every_experiment_writes_its_json_and_figure(quick: Path):

@@ -21,7 +21,11 @@ pytest.importorskip("gguf", reason="the study's extra: pip install gguf (make te
 
 @pytest.fixture
 def study_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This study's folder first on sys.path, and its modules imported afresh: the two studies
+    (studies/routing, studies/upcycling) both have a `report` module, and the other's may be cached."""
     monkeypatch.syspath_prepend(str(STUDY))
+    for path in STUDY.glob("*.py"):
+        monkeypatch.delitem(sys.modules, path.stem, raising=False)
 
 
 @pytest.fixture(scope="module")
