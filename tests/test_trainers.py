@@ -41,18 +41,9 @@ def routers_only(aux_loss_in_output: bool) -> tuple[nn.Module, dict[str, torch.T
     return model, start
 
 
-def moved(model: nn.Module, start: dict[str, torch.Tensor]) -> list[str]:
-    return [name for name, p in model.named_parameters() if name in start and not torch.equal(p, start[name])]
-
-
-@pytest.mark.parametrize("aux_loss_in_output", [True, False])
-def test_plain_trainer_with_accumulation_and_padding(tmp_path, aux_loss_in_output: bool) -> None:
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
-
-    tokenizer = tiny_tokenizer()
-    model, start = routers_only(aux_loss_in_output)
-    dataset = [tokenizer(text(length, seed)) for seed, length in enumerate(LENGTHS)]
-    args = TrainingArguments(
+def training_arguments(tmp_path) -> dict:
+    """One epoch of LENGTHS (2 steps of 2 micro-batches of 2) on CPU, nothing saved or reported."""
+    return dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
@@ -64,9 +55,22 @@ def test_plain_trainer_with_accumulation_and_padding(tmp_path, aux_loss_in_outpu
         save_strategy="no",
         logging_steps=1,
         seed=0,
-        data_seed=0,
         dataloader_num_workers=0,
     )
+
+
+def moved(model: nn.Module, start: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, p in model.named_parameters() if name in start and not torch.equal(p, start[name])]
+
+
+@pytest.mark.parametrize("aux_loss_in_output", [True, False])
+def test_plain_trainer_with_accumulation_and_padding(tmp_path, aux_loss_in_output: bool) -> None:
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tokenizer = tiny_tokenizer()
+    model, start = routers_only(aux_loss_in_output)
+    dataset = [tokenizer(text(length, seed)) for seed, length in enumerate(LENGTHS)]
+    args = TrainingArguments(**training_arguments(tmp_path), data_seed=0)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
@@ -95,22 +99,7 @@ def test_trl_sft_trainer_trains_the_routers(tmp_path) -> None:
     tokenizer = tiny_tokenizer()
     model, start = routers_only(True)
     dataset = Dataset.from_dict({"text": [text(length, seed) for seed, length in enumerate(LENGTHS)]})
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        max_length=16,
-        packing=False,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    args = SFTConfig(**training_arguments(tmp_path), max_length=16, packing=False)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, compute_loss_func=sft_loss(model)
     )

@@ -44,8 +44,8 @@ _TINY = 1e-30
 
 
 ExpertWeights = list[Tensor | list[Tensor]]
-# Readers for experts whose weights are not all in their own parameters (an adapter adds ΔW), as
-# (predicate, reader) pairs tried in order before the plain layouts. moeify.integrations.peft
+# Readers for experts whose weights are not all in their own parameters (an adapter adds ΔW), each
+# registered with its predicate, tried in registration order before the plain layouts. moeify.integrations.peft
 # registers the one for peft adapters when it is imported.
 _READERS: Registry[Callable[[nn.Module], ExpertWeights], Callable[[nn.Module], bool]] = Registry(
     "expert weight reader", duplicate="expert weight reader"

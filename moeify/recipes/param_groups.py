@@ -33,16 +33,10 @@ from moeify.layers.inventory import require_moe_layers
 GROUP_NAMES = ("copied", "routers", "shared_experts")
 
 
-def _check_rate(name: str, value: object) -> None:
+def _check_number(name: str, value: object, interval: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    in_range(name, value, "(0, inf)")  # inf fails too: a learning rate must be finite
-
-
-def _check_decay(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    in_range(name, value, "[0, inf)")
+    in_range(name, value, interval)  # "(0, inf)": inf fails too, a learning rate must be finite
 
 
 def _check_steps(name: str, value: object) -> None:
@@ -79,13 +73,13 @@ def param_groups(
     shared_lr = lr if shared_lr is None else shared_lr
     shared_weight_decay = weight_decay if shared_weight_decay is None else shared_weight_decay
     for name, value in (("lr", lr), ("router_lr", router_lr), ("shared_lr", shared_lr)):
-        _check_rate(name, value)
+        _check_number(name, value, "(0, inf)")
     for name, value in (
         ("weight_decay", weight_decay),
         ("router_weight_decay", router_weight_decay),
         ("shared_weight_decay", shared_weight_decay),
     ):
-        _check_decay(name, value)
+        _check_number(name, value, "[0, inf)")
     for name, value in (
         ("router_warmup", router_warmup),
         ("shared_warmup", shared_warmup),

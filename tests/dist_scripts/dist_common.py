@@ -33,6 +33,20 @@ class OddFFN(nn.Module):
         return self.b(torch.tanh(self.a(x)) * self.gain)
 
 
+def tiny_llama() -> nn.Module:
+    """The dense tiny Llama every distributed scenario converts (seed it before calling)."""
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
 class PlainFFN(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -72,16 +86,7 @@ def build(kind: str, **overrides) -> nn.Module:
     torch.manual_seed(0)
     cfg = {"num_experts": 4, "balance_loss_weight": 0.0, "z_loss_weight": 1e-3, **overrides}
     if kind == "llama":
-        config = AutoConfig.for_model(
-            "llama",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-        return moeify.moeify(AutoModelForCausalLM.from_config(config), top_k=2, **cfg)
+        return moeify.moeify(tiny_llama(), top_k=2, **cfg)
     model = ToyNet(d=10 if kind == "loop" else 16, generic=kind == "generic")
     return moeify.moeify(model, top_k=1, target_modules=r"layers\.\d+\.mlp", **cfg)
 

@@ -12,9 +12,8 @@ averages: each rank's, so that their mean is the reference's loss on the concate
 from __future__ import annotations
 
 import torch
-from dist_common import VOCAB, ToyNet, starve
+from dist_common import VOCAB, ToyNet, starve, tiny_llama
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeify
 
@@ -50,17 +49,8 @@ def build_scenario(name: str, world: int) -> nn.Module:
             num_shared_experts=1,
             shared_expert_init="zero_out",
         )
-    config = AutoConfig.for_model(
-        "llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
     model = moeify.moeify(
-        AutoModelForCausalLM.from_config(config),
+        tiny_llama(),
         num_experts=8,
         top_k=2,
         balance_loss_weight=0.01,
